@@ -1,0 +1,3 @@
+"""mmkd: distill large vision-language teachers into small multimodal students."""
+
+__version__ = "0.1.0"
