@@ -1,0 +1,79 @@
+"""Print a ScienceQA report as a table and write it as ``metrics.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def format_table(report: Mapping[str, Any], title: str) -> Table:
+    """A rich table of a ``metrics.json`` report: one row overall, one per category, then the counts.
+
+    Args:
+        report: As ``ScienceQAAccuracy.report``.
+        title: The table's title (model, data, mode).
+
+    Returns:
+        The table.
+    """
+    table = Table(title=title)
+    table.add_column("category")
+    table.add_column("accuracy %", justify="right")
+    table.add_column("correct", justify="right")
+    table.add_column("count", justify="right")
+    table.add_row("overall", _percent(report["accuracy"]), str(report["correct"]), str(report["count"]), style="bold")
+    for name, row in report.get("categories", {}).items():
+        table.add_row(name, _percent(row["accuracy"]), str(row["correct"]), str(row["count"]))
+    caption = [f"failed parses {report['failed_parses']}", f"missing answers {report['missing']}"]
+    if "invalid_letters" in report:
+        caption.append(f"letters beyond the options {report['invalid_letters']}")
+    table.caption = " · ".join(caption) + " (all counted wrong)"
+    return table
+
+
+def print_report(report: Mapping[str, Any], title: str, console: Console | None = None) -> None:
+    """Print the table of a report.
+
+    Args:
+        report: As ``ScienceQAAccuracy.report``.
+        title: The table's title.
+        console: Where to print (default: a new stdout console).
+    """
+    (console or Console()).print(format_table(report, title))
+
+
+def write_json(data: Mapping[str, Any], path: str | Path) -> Path:
+    """Write JSON atomically (temporary file in the same folder, fsync, rename), creating the folder.
+
+    Args:
+        data: What to write.
+        path: The file.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
