@@ -1,0 +1,24 @@
+"""Teachers and students behind one output contract; MoE upcycling; tiny presets; export."""
+
+from mmkd.models.clip import CLIPModel
+from mmkd.models.contract import CLIPOutput, ModelOutput
+from mmkd.models.errors import ModelNotFoundError
+from mmkd.models.llava import LlavaModel
+from mmkd.models.mllm import ImageTextModel
+from mmkd.models.moe import UpcycleToMoE, count_parameters, upcycle_to_moe
+from mmkd.models.student import MLLMStudent
+from mmkd.models.vocab import align_vocab
+
+__all__ = [
+    "CLIPModel",
+    "CLIPOutput",
+    "ImageTextModel",
+    "LlavaModel",
+    "MLLMStudent",
+    "ModelNotFoundError",
+    "ModelOutput",
+    "UpcycleToMoE",
+    "align_vocab",
+    "count_parameters",
+    "upcycle_to_moe",
+]

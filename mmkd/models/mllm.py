@@ -1,0 +1,229 @@
+"""The shared body of LLaVA-class teachers and MLLM students: one transformers image-text-to-text model
+plus its processor, behind the output contract."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from transformers import PreTrainedModel, ProcessorMixin
+
+from mmkd.models.contract import ModelOutput
+from mmkd.models.moe import RouterLossCollector
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+# Keys a collated batch carries that generation does not take.
+_NOT_FOR_GENERATE = ("labels", "teacher_", "chosen_", "rejected_", "ids", "answer")
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """``"float32" | "bfloat16" | "float16"`` (or bf16/fp16/fp32) to a torch dtype."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _text_config(hf: PreTrainedModel) -> Any:
+    return hf.config.get_text_config(decoder=True)
+
+
+class ImageTextModel(nn.Module):
+    """A transformers image-text-to-text model and its processor with the mmkd output contract.
+
+    Args:
+        hf: The transformers model (``LlavaForConditionalGeneration`` or kin).
+        processor: Its processor (tokenizer with chat template and ``<image>`` token, image processor).
+        dtype: Floating dtype that images are cast to.
+        gradient_checkpointing: Recompute activations in backward.
+    """
+
+    def __init__(
+        self, hf: PreTrainedModel, processor: ProcessorMixin, *, dtype: torch.dtype = torch.float32,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.hf = hf
+        self.processor = processor
+        self.compute_dtype = dtype
+        self._frozen = False
+        # Rows of the LM head exposed in ModelOutput; set by align_vocab so teacher and student logits line up.
+        self.vocab_limit: int | None = None
+        self._routers = RouterLossCollector.attach(hf, _text_config(hf))
+        tok = processor.tokenizer
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        self.image_token: str = getattr(processor, "image_token", None) or "<image>"
+        cfg_id = getattr(hf.config, "image_token_id", None)
+        if cfg_id is None:
+            cfg_id = getattr(hf.config, "image_token_index", None)
+        self.image_token_id: int = int(cfg_id if cfg_id is not None else tok.convert_tokens_to_ids(self.image_token))
+        self.num_image_tokens: int = self._count_image_tokens()
+        if gradient_checkpointing:
+            self.gradient_checkpointing_enable()
+
+    # -- properties -----------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        """The transformers tokenizer (chat template, pad token, ``<image>`` token)."""
+        return self.processor.tokenizer
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the pixel values the image processor produces."""
+        ip = self.processor.image_processor
+        size = getattr(ip, "crop_size", None) or getattr(ip, "size", None) or {}
+        size = size if isinstance(size, dict) else dict(size)
+        if "height" in size:
+            return int(size["height"]), int(size["width"])
+        edge = int(size.get("shortest_edge", 224))
+        return edge, edge
+
+    def _count_image_tokens(self) -> int:
+        # Ask the processor itself, so models whose count differs from (size/patch)^2 are right too.
+        h, w = self.image_size
+        enc = self.processor(text=self.image_token, images=[Image.new("RGB", (w, h))], return_tensors="pt")
+        return int((enc["input_ids"] == self.image_token_id).sum())
+
+    # -- contract -------------------------------------------------------------------------------------------
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None,
+        output_hidden_states: bool = False, **kwargs: Any,
+    ) -> ModelOutput:
+        """One forward pass over a collated batch.
+
+        Args:
+            input_ids: ``(B, T)`` with each ``<image>`` already expanded to ``num_image_tokens`` tokens.
+            attention_mask: ``(B, T)``.
+            pixel_values: ``(N_img, 3, H, W)`` or None.
+            output_hidden_states: Also return per-layer hidden states of the language model.
+            **kwargs: Extra model inputs some families need (e.g. ``image_sizes``).
+
+        Returns:
+            The output contract: ``last_hidden (B, T, H)``, LM head, ``vision_features (N_img, N, H)``,
+            ``visual_mask (B, T)``, ``aux_loss`` for MoE language models.
+        """
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(self.compute_dtype)
+        if self._routers is not None:
+            self._routers.start()
+        base = getattr(self.hf, self.hf.base_model_prefix)
+        out = base(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+            output_hidden_states=output_hidden_states, use_cache=False, return_dict=True, **kwargs,
+        )
+        aux = self._routers.finish(attention_mask) if self._routers is not None else None
+        head = self.hf.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if self.vocab_limit is not None:
+            weight = weight[: self.vocab_limit]
+            bias = None if bias is None else bias[: self.vocab_limit]
+        return ModelOutput(
+            last_hidden=out.last_hidden_state,
+            head_weight=weight,
+            head_bias=bias,
+            hidden_states=tuple(out.hidden_states) if output_hidden_states and out.hidden_states else None,
+            vision_features=_vision_features(out),
+            visual_mask=input_ids == self.image_token_id,
+            aux_loss=aux,
+        )
+
+    @torch.no_grad()
+    def generate(self, max_new_tokens: int = 32, **batch: Any) -> Tensor:
+        """Greedy generation (unless sampling arguments say otherwise) through transformers' ``generate``.
+
+        Args:
+            max_new_tokens: Tokens to generate at most.
+            **batch: ``input_ids (B, T)`` (left-padded for batched prompts), ``attention_mask``, ``pixel_values``,
+                plus generation arguments; training-only batch keys (labels, ``teacher_*``, ...) are ignored.
+
+        Returns:
+            ``(B, T_new)`` new token ids only (prompt removed), padded with the pad token.
+        """
+        kwargs = {k: v for k, v in batch.items() if not k.startswith(_NOT_FOR_GENERATE)}
+        if kwargs.get("pixel_values") is not None:
+            kwargs["pixel_values"] = kwargs["pixel_values"].to(self.compute_dtype)
+        elif "pixel_values" in kwargs:
+            del kwargs["pixel_values"]
+        kwargs.setdefault("do_sample", False)
+        tok = self.tokenizer
+        kwargs.setdefault("pad_token_id", tok.pad_token_id)
+        if tok.eos_token_id is not None:
+            kwargs.setdefault("eos_token_id", tok.eos_token_id)
+        prompt_len = kwargs["input_ids"].shape[1]
+        out = self.hf.generate(max_new_tokens=max_new_tokens, **kwargs)
+        return out[:, prompt_len:]
+
+    def preprocess_images(self, images: list[Image.Image]) -> Tensor:
+        """PIL images to ``(N, 3, H, W)`` pixel values with this model's own image processor."""
+        if not images:
+            h, w = self.image_size
+            return torch.empty(0, 3, h, w)
+        return self.processor.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")[
+            "pixel_values"
+        ]
+
+    # -- parts, freezing, saving ----------------------------------------------------------------------------
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by part name: ``vision_tower``, ``projector``, ``language_model``, ``experts``, ``router``.
+
+        The lists are disjoint: on an MoE student ``language_model`` holds everything of the LM except the
+        expert and router weights (the LM head belongs to ``language_model``). Only non-empty parts appear.
+        """
+        out: dict[str, list[nn.Parameter]] = {}
+        seen: set[int] = set()
+        for name, p in self.hf.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            out.setdefault(_part_of(name), []).append(p)
+        order = ("vision_tower", "projector", "language_model", "experts", "router")
+        return {k: out[k] for k in order if out.get(k)}
+
+    def freeze(self) -> ImageTextModel:
+        """Eval mode and no gradients, for good: a frozen model stays in eval even if ``train()`` is called."""
+        self._frozen = True
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode: bool = True) -> ImageTextModel:
+        return super().train(mode and not self._frozen)
+
+    def gradient_checkpointing_enable(self) -> None:
+        # Non-reentrant checkpointing works with frozen inputs (frozen vision tower, trainable LM).
+        self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
+        """Write weights (safetensors), config, generation config, tokenizer and processor to ``out_dir``."""
+        self.hf.save_pretrained(out_dir)
+        self.processor.save_pretrained(out_dir)
+
+
+def _part_of(name: str) -> str:
+    if ".experts." in name or name.endswith(".experts"):
+        return "experts"
+    if ".mlp.gate." in name or name.endswith(".mlp.gate.weight"):
+        return "router"
+    if "shared_expert" in name:
+        return "experts"
+    if "vision_tower" in name or "vision_model" in name or ".visual." in name:
+        return "vision_tower"
+    if "multi_modal_projector" in name or "projector" in name or "merger" in name:
+        return "projector"
+    return "language_model"
+
+
+def _vision_features(out: Any) -> Tensor | None:
+    img = getattr(out, "image_outputs", None)
+    feats = getattr(img, "pooler_output", None) if img is not None else None
+    if feats is None:
+        return None
+    if isinstance(feats, (list, tuple)):
+        if len({f.shape for f in feats}) != 1:
+            return None  # images with different token counts cannot stack; the contract then has no features
+        return torch.stack(list(feats))
+    return feats

@@ -1,0 +1,112 @@
+"""Tiny random models for tests and the demo, built through the same code as real ones.
+
+Each preset writes a real model folder with ``save_pretrained``; ``LlavaModel``, ``MLLMStudent.from_pretrained``
+and ``CLIPModel`` then load it by path, exactly as they load a hub id. Defaults give 32x32 images with 8x8
+patches (16 visual tokens) and 2-layer models a few hundred thousand parameters large: seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM
+
+KINDS = ("llava-teacher", "mllm-student", "moe-student", "clip-teacher", "clip-student")
+
+# Per-kind default sizes; any of them can be overridden through build_tiny(**sizes).
+_SIZES: dict[str, dict[str, Any]] = {
+    "llava-teacher": {"image_size": 32, "patch_size": 8, "vision_hidden": 64, "vision_layers": 2, "hidden": 128,
+                      "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 256},
+    "mllm-student": {"image_size": 32, "patch_size": 8, "vision_hidden": 48, "vision_layers": 2, "hidden": 64,
+                     "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128},
+    "moe-student": {"image_size": 32, "patch_size": 8, "vision_hidden": 48, "vision_layers": 2, "hidden": 64,
+                    "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128, "num_experts": 4, "top_k": 2,
+                    "every": 1},
+    "clip-teacher": {"image_size": 32, "patch_size": 8, "vision_hidden": 64, "vision_layers": 2, "hidden": 64,
+                     "layers": 2, "heads": 4, "embed_dim": 64, "context_length": 32},
+    "clip-student": {"image_size": 32, "patch_size": 8, "vision_hidden": 32, "vision_layers": 1, "hidden": 32,
+                     "layers": 1, "heads": 2, "embed_dim": 64, "context_length": 32},
+}
+
+
+def tiny_clip_config(**sizes: Any) -> dict[str, Any]:
+    """An open_clip model config (the ``model_cfg`` of ``open_clip_config.json``) for a tiny ViT CLIP."""
+    s = {**_SIZES["clip-teacher"], **sizes}
+    return {
+        "embed_dim": s["embed_dim"],
+        "vision_cfg": {"image_size": s["image_size"], "layers": s["vision_layers"], "width": s["vision_hidden"],
+                       "head_width": s["vision_hidden"] // s["heads"], "patch_size": s["patch_size"]},
+        "text_cfg": {"context_length": s["context_length"], "vocab_size": 49408, "width": s["hidden"],
+                     "heads": s["heads"], "layers": s["layers"]},
+    }
+
+
+def _write_parts(tmp: Path, tokenizer: str, s: dict[str, Any]) -> tuple[str, str]:
+    """Write a random HF CLIP vision tower and a random Qwen2 LM sized for ``tokenizer`` into ``tmp``."""
+    vision = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=s["vision_hidden"], intermediate_size=4 * s["vision_hidden"], num_hidden_layers=s["vision_layers"],
+        num_attention_heads=s["heads"], image_size=s["image_size"], patch_size=s["patch_size"],
+        projection_dim=s["vision_hidden"], hidden_act="quick_gelu",
+    ))
+    vision.save_pretrained(tmp / "vision")
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    lm = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+        max_position_embeddings=512, tie_word_embeddings=s.get("tie", False),
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+    ))
+    lm.save_pretrained(tmp / "lm")
+    return str(tmp / "vision"), str(tmp / "lm")
+
+
+def build_tiny(kind: str, out_dir: str, *, tokenizer: str, seed: int = 0, **sizes: Any) -> Path:
+    """Write a tiny random model of ``kind`` to ``out_dir`` and return the folder.
+
+    Args:
+        kind: One of ``llava-teacher``, ``mllm-student``, ``moe-student``, ``clip-teacher``, ``clip-student``.
+        out_dir: Folder to write (created).
+        tokenizer: Tokenizer folder with an ``<image>`` token, shared by teacher and students (CLIP kinds use
+            open_clip's own tokenizer and ignore it).
+        seed: Seed of the random initialisation.
+        **sizes: Overrides of the kind's default sizes (``hidden``, ``layers``, ``image_size``, ``num_experts``...).
+
+    Returns:
+        ``Path(out_dir)``, loadable by ``LlavaModel`` (llava-teacher), ``MLLMStudent.from_pretrained``
+        (students; also by ``LlavaModel``) or ``CLIPModel`` (clip kinds).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"build_tiny: unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    unknown = set(sizes) - set(_SIZES[kind]) - {"tie"}
+    if unknown:
+        raise ValueError(f"build_tiny({kind!r}): unknown sizes {sorted(unknown)}; expected {sorted(_SIZES[kind])}")
+    s = {**_SIZES[kind], **sizes}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    if kind.startswith("clip-"):
+        from mmkd.models.clip import CLIPModel
+
+        cfg_path = out / "_tiny_config.json"
+        cfg_path.write_text(json.dumps(tiny_clip_config(**s)))
+        model = CLIPModel(str(cfg_path))
+        cfg_path.unlink()
+        model.save_pretrained(out)
+        return out
+    from mmkd.models.student import MLLMStudent
+
+    with tempfile.TemporaryDirectory(prefix="mmkd-tiny-") as tmp:
+        vision, lm = _write_parts(Path(tmp), tokenizer, s)
+        student = MLLMStudent(vision, lm, tokenizer=tokenizer)
+    if kind == "moe-student":
+        student.upcycle_language_model(s["num_experts"], s["top_k"], s["every"])
+        # A fresh router is zero-free random; scale it up so routing is not uniform in tests and demos.
+        with torch.no_grad():
+            for gate in student._routers.gates:
+                gate.weight.normal_(0.0, 0.5)
+    student.save_pretrained(out)
+    return out
