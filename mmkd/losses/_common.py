@@ -1,0 +1,185 @@
+"""Shared helpers of the objectives: token selection, safe float32 log-softmax, visual-token grouping, pooling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Log-probabilities of -inf (masked vocabulary entries) are floored to this finite value. A floor keeps
+# `p * (log p - log q)` at exactly 0 where p == 0 and keeps every gradient finite (clamp passes no gradient
+# below its minimum), where raw -inf would give 0 * inf = NaN in the forward or the backward pass.
+LOG_FLOOR = -1e30
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def safe_log_softmax(logits: Tensor) -> Tensor:
+    """Float32 log-softmax over the last dim with -inf entries floored to ``LOG_FLOOR``.
+
+    Args:
+        logits: ``(..., V)``, any float dtype; ``-inf`` allowed for masked vocabulary entries.
+
+    Returns:
+        ``(..., V)`` float32 log-probabilities.
+    """
+    return F.log_softmax(logits.float(), dim=-1).clamp(min=LOG_FLOOR)
+
+
+def kl_from_logprobs(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(p‖q) per row from log-probabilities, ``(..., V) -> (...)``."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def log_mixture(logp: Tensor, logq: Tensor, weight: float) -> Tensor:
+    """``log(weight·p + (1−weight)·q)`` computed stably, for ``0 < weight < 1``."""
+    return torch.logaddexp(logp + math.log(weight), logq + math.log1p(-weight))
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}: expected one of {', '.join(REDUCTIONS)}")
+    return reduction
+
+
+def reduce(values: Tensor, reduction: str) -> Tensor:
+    """Reduce per-token values ``(N,)``; the mean of no tokens is 0 (still attached to the graph)."""
+    if reduction == "none":
+        return values
+    if reduction == "sum" or values.numel() == 0:
+        return values.sum()
+    return values.mean()
+
+
+def _as_bool_mask(mask: Tensor, name: str, shape: tuple[int, ...]) -> Tensor:
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}: expected {tuple(shape)} (batch, positions)")
+    return mask if mask.dtype == torch.bool else mask.bool()
+
+
+def token_masks(
+    student_shape: tuple[int, ...],
+    teacher_shape: tuple[int, ...],
+    mask: Tensor,
+    teacher_mask: Tensor | None,
+    what: str = "answer tokens",
+) -> tuple[Tensor, Tensor]:
+    """Validate the student and teacher position masks and check that they select the same tokens per sample.
+
+    Args:
+        student_shape: ``(B, T, ...)`` of the student tensor.
+        teacher_shape: ``(B, T', ...)`` of the teacher tensor.
+        mask: ``(B, T)`` bool, the student's selected positions.
+        teacher_mask: ``(B, T')`` bool or None; None means ``mask`` selects both sides (then ``T' == T``).
+        what: What the masks select, for error messages.
+
+    Returns:
+        The student and teacher masks as bool tensors.
+
+    Raises:
+        ValueError: On a shape mismatch, or when a sample selects a different number of tokens on each side.
+    """
+    if student_shape[0] != teacher_shape[0]:
+        raise ValueError(f"student batch size {student_shape[0]} != teacher batch size {teacher_shape[0]}")
+    mask = _as_bool_mask(mask, "mask", student_shape[:2])
+    if teacher_mask is None:
+        if student_shape[1] != teacher_shape[1]:
+            raise ValueError(
+                f"teacher has {teacher_shape[1]} positions but student has {student_shape[1]}: "
+                "pass teacher_mask to select the teacher's positions of the same tokens"
+            )
+        return mask, mask
+    teacher_mask = _as_bool_mask(teacher_mask, "teacher_mask", teacher_shape[:2])
+    counts, teacher_counts = mask.sum(1), teacher_mask.sum(1)
+    bad = (counts != teacher_counts).nonzero().flatten()
+    if bad.numel():
+        b = int(bad[0])
+        raise ValueError(
+            f"sample {b}: mask selects {int(counts[b])} {what} but teacher_mask selects {int(teacher_counts[b])}; "
+            "both must select the same tokens"
+        )
+    return mask, teacher_mask
+
+
+def select_tokens(
+    student: Tensor, teacher: Tensor, mask: Tensor, teacher_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Gather the selected positions of both sides into aligned flat rows.
+
+    Args:
+        student: ``(B, T, D)``.
+        teacher: ``(B, T', D')``.
+        mask: ``(B, T)`` bool.
+        teacher_mask: ``(B, T')`` bool or None (then ``mask`` selects both).
+
+    Returns:
+        ``(N, D)`` and ``(N, D')``: row i of each is the same token (row-major order within each sample).
+    """
+    mask, teacher_mask = token_masks(tuple(student.shape), tuple(teacher.shape), mask, teacher_mask)
+    return student[mask], teacher[teacher_mask]
+
+
+def visual_groups(
+    visual_mask: Tensor,
+    teacher_visual_mask: Tensor,
+    tokens_per_image: int | None,
+    teacher_tokens_per_image: int | None,
+) -> list[tuple[int, Tensor, Tensor]]:
+    """Pair each image's (or, without token counts, each sample's) visual positions on the two sides.
+
+    Args:
+        visual_mask: ``(B, T)`` bool, the student's visual-token positions.
+        teacher_visual_mask: ``(B, T')`` bool.
+        tokens_per_image: Student visual tokens per image (``vision_features.shape[1]``), or None.
+        teacher_tokens_per_image: Teacher visual tokens per image, or None.
+
+    Returns:
+        One ``(sample, student_positions (n,), teacher_positions (n',))`` per image; samples without images
+        give nothing. Without per-image token counts each sample's visual positions form one group.
+
+    Raises:
+        ValueError: When a sample has visual tokens on one side only, or a different number of images per side.
+    """
+    if (tokens_per_image is None) != (teacher_tokens_per_image is None):
+        raise ValueError("tokens_per_image and teacher_tokens_per_image must be given together")
+    groups: list[tuple[int, Tensor, Tensor]] = []
+    for b in range(visual_mask.shape[0]):
+        pos = visual_mask[b].nonzero().flatten()
+        teacher_pos = teacher_visual_mask[b].nonzero().flatten()
+        n, nt = pos.numel(), teacher_pos.numel()
+        if n == 0 and nt == 0:
+            continue
+        if n == 0 or nt == 0:
+            raise ValueError(f"sample {b}: student has {n} visual tokens but teacher has {nt}; both need the image")
+        if tokens_per_image is None:
+            groups.append((b, pos, teacher_pos))
+            continue
+        if n % tokens_per_image or nt % teacher_tokens_per_image:
+            raise ValueError(
+                f"sample {b}: {n} student / {nt} teacher visual tokens are not whole images of "
+                f"{tokens_per_image} / {teacher_tokens_per_image} tokens"
+            )
+        images, teacher_images = n // tokens_per_image, nt // teacher_tokens_per_image
+        if images != teacher_images:
+            raise ValueError(f"sample {b}: student sees {images} images but teacher sees {teacher_images}")
+        groups.extend(zip([b] * images, pos.split(tokens_per_image), teacher_pos.split(teacher_tokens_per_image)))
+    return groups
+
+
+def pool_tokens(x: Tensor, length: int) -> Tensor:
+    """Adaptive average pooling along the token axis, ``(n, D) -> (length, D)``; identity when ``n == length``.
+
+    When each side's count is a whole number of equal images, pooling a sample's concatenated images gives the
+    same windows as pooling each image: window edges at image boundaries fall on integers.
+    """
+    if x.shape[0] == length:
+        return x
+    return F.adaptive_avg_pool1d(x.t().unsqueeze(0), length).squeeze(0).t()
+
+
+def pool_pair(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """Pool the longer of two ``(n, D)`` token sequences to the shorter one's length."""
+    n = min(student.shape[0], teacher.shape[0])
+    return pool_tokens(student, n), pool_tokens(teacher, n)
