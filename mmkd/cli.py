@@ -1,0 +1,242 @@
+"""The ``mmkd`` command: fit, eval, export and data.
+
+Imports are lazy so that ``mmkd --help`` and bad-input errors answer without loading the training stack.
+Errors a user can cause end with one line on stderr and exit code 2; a failed stage ends with exit code 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["main"]
+
+USAGE = """usage: mmkd [-h] {fit,eval,export,data} ...
+
+Distill large vision-language teachers into small multimodal students.
+
+subcommands:
+  fit       Run (or resume) every stage of a recipe:  mmkd fit RECIPE.yaml [--stage S] [--KEY VALUE ...]
+  eval      Score a student or teacher on a ScienceQA-style benchmark:  mmkd eval MODEL --data sqa:DIR
+            Score an answer file from any tool:  mmkd eval score ANSWERS.jsonl --data sqa:DIR
+  export    Write a run's student as a plain Hugging Face folder:  mmkd export RUN_DIR --out DIR
+  data      Data tools:  mmkd data synth-sqa --out DIR | mmkd data tokenizer --out DIR
+
+Run 'mmkd SUBCOMMAND --help' for the options of each.
+"""
+
+
+class UsageError(Exception):
+    """Bad input on the command line (exit code 2)."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from mmkd.recipe import RecipeError
+
+    kinds: list[type[BaseException]] = [RecipeError, UsageError, FileNotFoundError, NotADirectoryError]
+    try:
+        from mmkd.models.errors import ModelNotFoundError
+
+        kinds.append(ModelNotFoundError)
+    except ImportError:
+        pass
+    try:
+        from mmkd.data.records import BadRecord
+
+        kinds.append(BadRecord)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"mmkd: error: {message}", file=sys.stderr)
+    return code
+
+
+# ---- fit -------------------------------------------------------------------------------------------------------
+FIT_HELP = """usage: mmkd fit RECIPE.yaml [--run-dir DIR] [--stage NAME] [--restart-from NAME] [--print-config]
+                [--KEY.PATH VALUE ...]
+
+Run every stage of a recipe in order, in its run directory; run it again after a crash or a kill and it resumes
+where it stopped (done stages are skipped, an interrupted stage resumes from its last checkpoint).
+
+positional arguments:
+  RECIPE                The recipe YAML file (same as --config RECIPE).
+
+options:
+  --run-dir DIR         Run directory (overrides the recipe's run_dir).
+  --stage NAME          Run only this stage; earlier stages must be done.
+  --restart-from NAME   Rerun this stage and every later one (old outputs are moved to RUN_DIR/archive/).
+  --print-config        Print the resolved recipe and exit.
+  --KEY.PATH VALUE      Override any recipe value, e.g. --stages.sft.optimizer.lr 1e-5, --trainer.devices 2,
+                        or a shared value (--data_root DIR) that every stage referencing ${data_root} sees.
+"""
+
+
+def _split_recipe_path(argv: list[str]) -> tuple[str | None, list[str]]:
+    """jsonargparse cannot declare a positional config file: the first bare argument is the recipe."""
+    rest = list(argv)
+    if "--config" in rest:
+        i = rest.index("--config")
+        if i + 1 >= len(rest):
+            raise UsageError("--config: expected a recipe file")
+        path = rest[i + 1]
+        del rest[i:i + 2]
+        return path, rest
+    for i, arg in enumerate(rest):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1], rest[:i] + rest[i + 1:]
+        if not arg.startswith("-"):
+            if i > 0 and rest[i - 1].startswith("--") and "=" not in rest[i - 1] and rest[i - 1] != "--print-config":
+                continue  # the value of an option
+            return arg, rest[:i] + rest[i + 1:]
+    return None, rest
+
+
+def _fit(argv: list[str], echo: Callable[[str], None]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(FIT_HELP)
+        return 0
+    path, rest = _split_recipe_path(argv)
+    if path is None:
+        raise UsageError("fit: expected a recipe file: mmkd fit RECIPE.yaml")
+    rest = [a.replace("--run-dir", "--run_dir", 1) if a.startswith("--run-dir") else a for a in rest]
+    if any(a in ("-h", "--help") for a in rest):
+        from mmkd.recipe import build_parser, read_yaml
+
+        raw = read_yaml(path)
+        build_parser(list(raw.get("stages") or {}), {}).print_help()
+        return 0
+
+    def fit_options(parser: Any) -> None:
+        parser.add_argument("--stage", type=str | None, default=None, help="Run only this stage.")
+        parser.add_argument("--restart-from", type=str | None, default=None, help="Rerun from this stage.")
+        parser.add_argument("--print-config", type=bool, default=False, nargs="?", const=True,
+                            help="Print the resolved recipe and exit.")
+
+    from mmkd.recipe import load_recipe
+
+    recipe = load_recipe(path, rest, extra_arguments=fit_options)
+    if recipe.options.get("print_config"):
+        print(recipe.dump(), end="")
+        return 0
+    from mmkd.runner import RunError, Runner, summary_rows
+
+    runner = Runner(recipe, only_stage=recipe.options.get("stage"),
+                    restart_from=recipe.options.get("restart_from"), echo=echo)
+    try:
+        manifest = runner.run()
+    except RunError as err:
+        return _fail(str(err), code=1)
+    _print_summary(summary_rows(manifest), recipe.run_dir)
+    return 0
+
+
+def _print_summary(rows: list[dict[str, Any]], run_dir: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"mmkd fit: {run_dir}")
+    for col in ("stage", "status", "steps", "wall time", "final losses", "student"):
+        table.add_column(col)
+    for r in rows:
+        losses = "  ".join(f"{k}={v:.4g}" for k, v in sorted(r["losses"].items()))
+        wall = f"{r['wall_time_s']:.1f}s" if r["wall_time_s"] is not None else "-"
+        table.add_row(r["stage"], str(r["status"]), str(r["steps"] or 0), wall, losses or "-",
+                      str(run_dir / r["student"]) if r["student"] else "-")
+    Console().print(table)
+
+
+# ---- eval / export / data: typed functions, parsed by jsonargparse ----------------------------------------------
+def _function_command(func: Callable[..., Any], argv: list[str], prog: str) -> Any:
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    parser = ArgumentParser(prog=prog, description=(func.__doc__ or "").strip().split("\n\n")[0],
+                            exit_on_error=False)
+    parser.add_function_arguments(func, as_positional=True)
+    if any(a in ("-h", "--help") for a in argv):
+        parser.print_help()
+        return None
+    try:
+        cfg = parser.parse_args([_dashes(a) for a in argv])
+    except ArgumentError as err:
+        from mmkd.recipe import format_parse_error
+
+        raise UsageError(format_parse_error(str(err))) from None
+    kwargs = {k: v for k, v in vars(cfg).items() if not k.startswith("__")}
+    return func(**kwargs)
+
+
+def _dashes(arg: str) -> str:
+    """Accept ``--max-new-tokens`` for the ``max_new_tokens`` parameter."""
+    if arg.startswith("--"):
+        name, eq, value = arg[2:].partition("=")
+        return "--" + name.replace("-", "_") + eq + value
+    return arg
+
+
+def _eval(argv: list[str]) -> int:
+    from mmkd.eval.commands import evaluate_command, score_command
+
+    if argv and argv[0] == "score":
+        _function_command(score_command, argv[1:], "mmkd eval score")
+    else:
+        _function_command(evaluate_command, argv, "mmkd eval")
+    return 0
+
+
+def _export(argv: list[str]) -> int:
+    from mmkd.export import export_command
+
+    _function_command(export_command, argv, "mmkd export")
+    return 0
+
+
+def _data(argv: list[str]) -> int:
+    from mmkd.data import commands
+
+    table = {"synth-sqa": commands.synth_sqa_command, "tokenizer": commands.tokenizer_command}
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: mmkd data {synth-sqa,tokenizer} ...\n")
+        for name, func in table.items():
+            print(f"  {name:10s} {(func.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    if argv[0] not in table:
+        raise UsageError(f"data: unknown subcommand {argv[0]!r} (expected one of {', '.join(table)})")
+    _function_command(table[argv[0]], argv[1:], f"mmkd data {argv[0]}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mmkd`` command; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    if args[0] == "--version":
+        from mmkd import __version__
+
+        print(f"mmkd {__version__}")
+        return 0
+    command, rest = args[0], args[1:]
+    commands = {"fit": lambda: _fit(rest, echo=print), "eval": lambda: _eval(rest),
+                "export": lambda: _export(rest), "data": lambda: _data(rest)}
+    if command not in commands:
+        return _fail(f"unknown subcommand {command!r} (expected one of fit, eval, export, data)")
+    try:
+        return commands[command]()
+    except _user_errors() as err:
+        return _fail(_one_line(err))
+    except ValueError as err:  # readers, models and scorers signal bad input with ValueError
+        return _fail(_one_line(err))
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err.args[0]) if isinstance(err, (KeyError,)) and err.args else str(err)
+    return " ".join(text.split()) or type(err).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""LightningModules, objective adapters, callbacks and stage builders (the only layer that imports Lightning)."""
