@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from mmkd.eval.categories import CATEGORIES, PROMPT_CATEGORIES, problem_categories, prompt_categories
+from mmkd.eval.categories import (
+    CATEGORIES,
+    PROMPT_CATEGORIES,
+    problem_categories,
+    prompt_categories,
+    record_categories,
+)
 from mmkd.eval.parsing import OPTION_LETTERS, parse_answer
 
 _OPTION_LINE = re.compile(r"^([A-Z])\. ")
@@ -161,3 +169,23 @@ def load_question_file_key(path: str | Path) -> AnswerKey:
             categories = (categories - {"NO"}) | {"IMG"}
         questions.append(KeyedQuestion(qid, letter, num_choices, categories))
     return AnswerKey(tuple(questions), PROMPT_CATEGORIES, str(path))
+
+
+def key_from_record(record: Mapping[str, Any]) -> KeyedQuestion:
+    """The keyed question of a ScienceQA record from ``mmkd.data`` (``ScienceQA`` or ``LlavaQuestionFile``).
+
+    Args:
+        record: A record with ``id``, ``answer`` (letter), ``choices`` and ``meta`` (docs/architecture.md).
+
+    Returns:
+        Its id, right letter, number of choices and categories.
+    """
+    rid = str(record.get("id"))
+    answer = record.get("answer")
+    choices = record.get("choices") or []
+    if not isinstance(answer, str) or answer not in OPTION_LETTERS[: len(choices)]:
+        raise ValueError(
+            f"record {rid!r}: answer {answer!r}, expected one of its {len(choices)} option letters; "
+            "a question file without answers cannot be scored"
+        )
+    return KeyedQuestion(rid, answer, len(choices), record_categories(record))

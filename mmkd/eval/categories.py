@@ -27,8 +27,8 @@ _SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language scienc
 _CONTEXT_LINE = re.compile(r"^Context: ?(.*)$", re.MULTILINE)
 
 
-def _grade_category(grade: str) -> str | None:
-    match = re.fullmatch(r"grade(\d+)", grade.strip().lower())
+def _grade_category(grade: str | int) -> str | None:
+    match = re.fullmatch(r"(?:grade)?(\d+)", str(grade).strip().lower())
     if match is None:
         return None
     number = int(match.group(1))
@@ -39,12 +39,13 @@ def _grade_category(grade: str) -> str | None:
     return None
 
 
-def problem_categories(subject: str, grade: str, hint: str, has_image: bool) -> frozenset[str]:
+def problem_categories(subject: str, grade: str | int, hint: str, has_image: bool) -> frozenset[str]:
     """Categories of one ScienceQA problem from its ``problems.json`` fields.
 
     Args:
-        subject: ``"natural science"``, ``"social science"`` or ``"language science"``.
-        grade: ``"grade1"`` .. ``"grade12"``.
+        subject: ``"natural science"``, ``"social science"`` or ``"language science"`` (or the codes
+            ``NAT``/``SOC``/``LAN`` that ``mmkd.data.ScienceQA`` records carry).
+        grade: ``"grade1"`` .. ``"grade12"`` (or the number).
         hint: The problem's text context (``""`` when it has none).
         has_image: Whether the problem has an image (its ``image`` field is set).
 
@@ -54,6 +55,8 @@ def problem_categories(subject: str, grade: str, hint: str, has_image: bool) -> 
     found = set()
     if subject in _SUBJECTS:
         found.add(_SUBJECTS[subject])
+    elif subject in _SUBJECTS.values():
+        found.add(subject)
     grade_category = _grade_category(grade)
     if grade_category is not None:
         found.add(grade_category)
@@ -92,8 +95,8 @@ def prompt_categories(prompt: str) -> frozenset[str]:
 def record_categories(record: Mapping[str, Any]) -> frozenset[str]:
     """Categories of a ScienceQA record from ``mmkd.data`` (see docs/architecture.md, "Records").
 
-    Records from ``problems.json`` carry ``meta`` with subject, grade, hint and has_image; records from a
-    LLaVA question file may not, and then the first user turn's text decides, as in ``prompt_categories``.
+    Records of ``mmkd.data.ScienceQA`` carry ``meta`` with subject, grade, hint and has_image; records of a
+    LLaVA question file do not, and then the first user turn decides, as in ``prompt_categories``.
 
     Args:
         record: A ScienceQA record (``id``, ``images``, ``messages``, ``answer``, ``choices``, ``meta``).
@@ -103,7 +106,7 @@ def record_categories(record: Mapping[str, Any]) -> frozenset[str]:
     """
     meta = record.get("meta") or {}
     if "subject" in meta and "grade" in meta:
-        has_image = bool(meta.get("has_image", bool(meta.get("image")) or bool(record.get("images"))))
-        return problem_categories(str(meta["subject"]), str(meta["grade"]), meta.get("hint") or "", has_image)
+        has_image = bool(meta["has_image"]) if "has_image" in meta else bool(record.get("images"))
+        return problem_categories(str(meta["subject"]), meta["grade"], meta.get("hint") or "", has_image)
     user_turns = [m["content"] for m in record.get("messages", []) if m.get("role") == "user"]
     return prompt_categories(user_turns[0] if user_turns else "")
