@@ -12,13 +12,14 @@ The teacher's answer tokens come from ``teacher_labels`` when the batch carries 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmkd.models.contract import ModelOutput
+if TYPE_CHECKING:  # importing mmkd.models loads transformers; the registry must stay cheap for recipe checks
+    from mmkd.models.contract import ModelOutput
 
 __all__ = ["OBJECTIVES", "Objective", "answer_positions", "build_objective"]
 

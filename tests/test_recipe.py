@@ -1,0 +1,127 @@
+"""Recipe schema: overrides, interpolation, and one-line errors for every kind of bad recipe."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmkd.recipe import RecipeError, load_recipe
+
+BASE = {
+    "run_dir": "RUN",
+    "data_root": "/data/base",
+    "teacher": {"class_path": "mmkd.models.LlavaModel", "init_args": {"path": "${data_root}/teacher"}},
+    "student": {"class_path": "mmkd.models.MLLMStudent",
+                "init_args": {"vision": "${data_root}/vision", "language_model": "${data_root}/lm"}},
+    "trainer": {"accelerator": "cpu", "devices": 1},
+    "stages": {
+        "dpt": {
+            "data": {"class_path": "mmkd.data.ScienceQA", "init_args": {"root": "${data_root}/sqa", "split": "train"}},
+            "train": ["projector"],
+            "objectives": {"mdist": 1.0, "rdist": 1.0},
+            "batch_size": 8,
+        },
+        "sft": {
+            "data": {"class_path": "mmkd.data.ScienceQA", "init_args": {"root": "${data_root}/sqa", "split": "train"}},
+            "train": ["projector", "language_model"],
+            "objectives": {"lm": 1.0},
+            "optimizer": {"lr": 2.0e-5},
+            "batch_size": 8,
+        },
+    },
+}
+
+
+def write(tmp_path: Path, recipe: dict | str, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def variant(**stage_changes) -> dict:
+    import copy
+
+    recipe = copy.deepcopy(BASE)
+    for dotted, value in stage_changes.items():
+        node = recipe
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        if value is ...:
+            del node[last]
+        else:
+            node[last] = value
+    return recipe
+
+
+def test_loads_with_defaults_and_order(tmp_path):
+    r = load_recipe(write(tmp_path, BASE))
+    assert r.stage_names == ["dpt", "sft"]
+    assert r.config["stages"]["sft"]["optimizer"]["lr"] == 2e-5
+    assert r.config["stages"]["dpt"]["optimizer"]["lr"] == 1e-4  # default
+    assert r.config["stages"]["dpt"]["data"]["init_args"]["root"] == "/data/base/sqa"
+    assert r.micro_batch("sft") == (8, 1)
+
+
+def test_stage_override_reaches_only_that_stage(tmp_path):
+    r = load_recipe(write(tmp_path, BASE), ["--stages.sft.optimizer.lr", "1e-5"])
+    assert r.config["stages"]["sft"]["optimizer"]["lr"] == 1e-5
+    assert r.config["stages"]["dpt"]["optimizer"]["lr"] == 1e-4
+
+
+def test_shared_value_override_reaches_every_stage(tmp_path):
+    # omegaconf+ interpolates after overrides; plain omegaconf mode would keep /data/base here.
+    r = load_recipe(write(tmp_path, BASE), ["--data_root", "/elsewhere"])
+    for stage in ("dpt", "sft"):
+        assert r.config["stages"][stage]["data"]["init_args"]["root"] == "/elsewhere/sqa"
+    assert r.config["teacher"]["init_args"]["path"] == "/elsewhere/teacher"
+    assert r.config["student"]["init_args"]["language_model"] == "/elsewhere/lm"
+
+
+def test_accumulation_from_global_batch(tmp_path):
+    r = load_recipe(write(tmp_path, variant(stages__sft__micro_batch_size=2)), ["--trainer.devices", "2"])
+    assert r.micro_batch("sft") == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "message"),
+    [
+        (BASE, ["--stages.sft.optimizer.lr", "fast"], "stages.sft.optimizer.lr: expected a float, got 'fast'"),
+        (BASE, ["--stages.sft.optimizer.lx", "3"], "stages.sft.optimizer.lx: unknown key"),
+        (variant(stages__sft__optimizer={"lr": 1e-5, "bogus": 1}), [], "stages.sft.optimizer.bogus: unknown key"),
+        (variant(stages__dpt__data={"class_path": "mmkd.data.ScienceQA", "init_args": {"root": "x", "nope": 1}}),
+         [], "stages.dpt.data.init_args.nope: unknown key"),
+        (variant(stages__sft__batch_size="many"), [], "stages.sft.batch_size: expected an integer, got 'many'"),
+        (variant(stages__sft__kind="magic"), [], "stages.sft.kind: expected one of distill, preference, clip"),
+        (variant(run_dir=...), [], "run_dir: required value missing"),
+        (variant(student=...), [], "student: required value missing"),
+        (variant(stages__dpt__train=[]), [], "stages.dpt.train: the stage trains nothing"),
+        (variant(stages__dpt__train=["wings"]), [], "stages.dpt.train: unknown part 'wings'"),
+        (variant(stages__dpt__objectives={"klx": 1.0}), [], "stages.dpt.objectives.klx: unknown objective"),
+        (variant(stages__sft__objectives={}), [], "stages.sft.objectives: expected at least one objective"),
+        (variant(teacher=...), [], "stages.dpt.objectives.mdist: a distillation objective needs a teacher"),
+        (BASE, ["--trainer.devices", "3"], "stages.dpt.batch_size: 8 does not divide into devices"),
+        (variant(stages__sft__init_from="sft"), [], "stages.sft.init_from: stage 'sft' does not run before 'sft'"),
+        (variant(colour="blue", extra={"a": 1}), [], "extra: unknown key"),
+        (BASE, ["--nonsense", "1"], "nonsense: unknown key"),
+    ],
+)
+def test_bad_recipes_are_one_line_errors(tmp_path, recipe, overrides, message):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write(tmp_path, recipe), overrides)
+    text = str(err.value)
+    assert "\n" not in text
+    assert message in text, text
+
+
+def test_duplicate_stage_names_are_refused(tmp_path):
+    text = yaml.safe_dump(BASE, sort_keys=False).replace("  sft:", "  dpt:")
+    with pytest.raises(RecipeError, match=r"duplicate key 'dpt' at line \d+"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "absent.yaml")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "stages: [a: b\n"))
