@@ -1,35 +1,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from mmkd.eval.commands import parse_data_spec, resolve_model, score_command
-
-PROBLEMS = {
-    "1": {"question": "Which is red?", "choices": ["apple", "sky"], "answer": 0, "hint": "", "image": "image.png",
-          "grade": "grade2", "subject": "natural science"},
-    "2": {"question": "Which is a verb?", "choices": ["run", "blue", "cat"], "answer": 0, "hint": "Read.",
-          "image": None, "grade": "grade8", "subject": "language science"},
-    "3": {"question": "Which is a city?", "choices": ["Paris", "Nile", "Alps", "Sahara"], "answer": 0, "hint": "",
-          "image": None, "grade": "grade5", "subject": "social science"},
-    "4": {"question": "Which is a gas?", "choices": ["rock", "steam"], "answer": 1, "hint": "Think.",
-          "image": "image.png", "grade": "grade11", "subject": "natural science"},
-    "5": {"question": "Which is a noun?", "choices": ["cat", "run", "fast"], "answer": 0, "hint": "",
-          "image": None, "grade": "grade3", "subject": "language science"},
-    "6": {"question": "Which is largest?", "choices": ["ant", "whale"], "answer": 1, "hint": "",
-          "image": None, "grade": "grade1", "subject": "natural science"},
-    "9": {"question": "Not in test.", "choices": ["a", "b"], "answer": 0, "hint": "", "image": None,
-          "grade": "grade1", "subject": "natural science"},
-}
-
-
-def write_sqa(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "problems.json").write_text(json.dumps(PROBLEMS))
-    (root / "pid_splits.json").write_text(json.dumps({"test": ["1", "2", "3", "4", "5", "6"], "train": ["9"]}))
-    return root
 
 
 def write_answers(path: Path, texts: dict[str, str]) -> Path:
@@ -39,7 +16,7 @@ def write_answers(path: Path, texts: dict[str, str]) -> Path:
     return path
 
 
-def test_score_command_counts_right_wrong_failed_missing(tmp_path: Path) -> None:
+def test_score_command_counts_right_wrong_failed_missing(tmp_path: Path, write_sqa: Callable[[Path], Path]) -> None:
     root = write_sqa(tmp_path / "sqa")
     answers = write_answers(tmp_path / "answers.jsonl", {
         "1": "A",                 # right (IMG, NAT, G1-6)
@@ -108,7 +85,7 @@ def test_score_command_on_the_real_sample(tmp_path: Path, sqa_sample: Path) -> N
     assert report["categories"]["SOC"]["correct"] == report["categories"]["LAN"]["correct"] == 0
 
 
-def test_user_errors_are_one_line(tmp_path: Path) -> None:
+def test_user_errors_are_one_line(tmp_path: Path, write_sqa: Callable[[Path], Path]) -> None:
     root = write_sqa(tmp_path / "sqa")
     with pytest.raises(ValueError, match="exactly one of --data"):
         score_command("a.jsonl")
