@@ -35,7 +35,8 @@ def _resolve_arch(arch: str) -> tuple[str, dict[str, Any] | None]:
         if not (path / CONFIG_NAME).is_file():
             raise ModelNotFoundError(
                 f"arch={arch!r}: folder lacks {CONFIG_NAME} (expected a folder written by CLIPModel.save_pretrained)",
-                path=arch, key="arch",
+                path=arch,
+                key="arch",
             )
         name = f"local-dir:{path}"
     elif arch.endswith(".json"):
@@ -46,7 +47,7 @@ def _resolve_arch(arch: str) -> tuple[str, dict[str, Any] | None]:
     else:
         name = arch
     if name.startswith("local-dir:"):
-        cfg = json.loads((Path(name[len("local-dir:"):]) / CONFIG_NAME).read_text())
+        cfg = json.loads((Path(name[len("local-dir:") :]) / CONFIG_NAME).read_text())
         return name, cfg.get("model_cfg", cfg)
     return name, open_clip.get_model_config(name)
 
@@ -69,24 +70,32 @@ class CLIPModel(nn.Module):
         if model_cfg is None and not name.startswith("hf-hub:"):
             raise ModelNotFoundError(
                 f"arch={arch!r}: unknown open_clip architecture (see open_clip.list_models(), or pass a folder or "
-                ".json config)", path=arch, key="arch",
+                ".json config)",
+                path=arch,
+                key="arch",
             )
-        if pretrained and not os.path.isfile(os.path.expanduser(pretrained)) and (
-            pretrained.startswith((".", "/", "~")) or pretrained.endswith((".pt", ".bin", ".safetensors", ".pth"))
+        if (
+            pretrained
+            and not os.path.isfile(os.path.expanduser(pretrained))
+            and (pretrained.startswith((".", "/", "~")) or pretrained.endswith((".pt", ".bin", ".safetensors", ".pth")))
         ):
             raise ModelNotFoundError(f"pretrained={pretrained!r}: checkpoint file not found", path=pretrained)
         self.arch = arch
         self.model_cfg = model_cfg
         self.model = load_or_explain(
             lambda: open_clip.create_model(name, pretrained=pretrained),
-            pretrained or arch, key="pretrained" if pretrained else "arch", what="open_clip model",
+            pretrained or arch,
+            key="pretrained" if pretrained else "arch",
+            what="open_clip model",
             check=False,  # folders and files were checked above, in open_clip's own layout
         )
         self.model.to(resolve_dtype(dtype))
         self.compute_dtype = resolve_dtype(dtype)
         self.preprocess = open_clip.image_transform(
-            self.model.visual.image_size, is_train=False,
-            mean=getattr(self.model.visual, "image_mean", None), std=getattr(self.model.visual, "image_std", None),
+            self.model.visual.image_size,
+            is_train=False,
+            mean=getattr(self.model.visual, "image_mean", None),
+            std=getattr(self.model.visual, "image_std", None),
         )
         self.tokenizer = open_clip.get_tokenizer(name)
         self._frozen = False
@@ -122,8 +131,13 @@ class CLIPModel(nn.Module):
         """``vision_tower`` (``visual.*``), ``text_tower`` (the rest) and ``logit_scale``."""
         out: dict[str, list[nn.Parameter]] = {"vision_tower": [], "text_tower": [], "logit_scale": []}
         for name, p in self.model.named_parameters():
-            key = "vision_tower" if name.startswith("visual.") else "logit_scale" if name.startswith("logit_") else (
-                "text_tower")
+            key = (
+                "vision_tower"
+                if name.startswith("visual.")
+                else "logit_scale"
+                if name.startswith("logit_")
+                else ("text_tower")
+            )
             out[key].append(p)
         return {k: v for k, v in out.items() if v}
 
@@ -142,10 +156,14 @@ class CLIPModel(nn.Module):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         visual = self.model.visual
-        preprocess = {"mean": list(getattr(visual, "image_mean", None) or ()),
-                      "std": list(getattr(visual, "image_std", None) or ())}
+        preprocess = {
+            "mean": list(getattr(visual, "image_mean", None) or ()),
+            "std": list(getattr(visual, "image_std", None) or ()),
+        }
         preprocess = {k: v for k, v in preprocess.items() if v}
-        (out / CONFIG_NAME).write_text(json.dumps({"model_cfg": self.model_cfg, "preprocess_cfg": preprocess}, indent=2))
+        (out / CONFIG_NAME).write_text(
+            json.dumps({"model_cfg": self.model_cfg, "preprocess_cfg": preprocess}, indent=2)
+        )
         state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
         save_file(state, str(out / WEIGHTS_NAME))
 

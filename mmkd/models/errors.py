@@ -42,7 +42,9 @@ def is_local(path: str) -> bool:
     return os.path.exists(p) or p.startswith((".", "/", "~")) or not _HUB_ID.match(path)
 
 
-def check_folder(path: str, *, key: str, what: str, needs: tuple[str, ...] = ("config.json",), weights: bool = True) -> None:
+def check_folder(
+    path: str, *, key: str, what: str, needs: tuple[str, ...] = ("config.json",), weights: bool = True
+) -> None:
     """Raise ModelNotFoundError unless the local folder ``path`` holds ``needs`` and (optionally) weights.
 
     Args:
@@ -72,8 +74,14 @@ def check_folder(path: str, *, key: str, what: str, needs: tuple[str, ...] = ("c
 
 
 def load_or_explain(
-    load: Callable[[], T], path: str, *, key: str, what: str, needs: tuple[str, ...] = ("config.json",),
-    weights: bool = True, check: bool = True,
+    load: Callable[[], T],
+    path: str,
+    *,
+    key: str,
+    what: str,
+    needs: tuple[str, ...] = ("config.json",),
+    weights: bool = True,
+    check: bool = True,
 ) -> T:
     """Run ``load`` and turn hub and file errors into one-line ModelNotFoundError messages.
 

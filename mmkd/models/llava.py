@@ -9,6 +9,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndByte
 
 from mmkd.models.errors import load_or_explain
 from mmkd.models.mllm import ImageTextModel, resolve_dtype
+from mmkd.models.moe import quiet_empty_init
 
 
 def quantization_config(quantize: str | None, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
@@ -19,15 +20,23 @@ def quantization_config(quantize: str | None, compute_dtype: torch.dtype) -> Bit
         return BitsAndBytesConfig(load_in_8bit=True)
     if quantize == "4bit":
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
         )
     raise ValueError(f"quantize={quantize!r}: expected '8bit', '4bit' or null")
 
 
 def load_image_text(
-    path: str, *, key: str, dtype: str = "float32", quantize: str | None = None,
-    attn_implementation: str | None = None, trust_remote_code: bool = False, revision: str | None = None,
+    path: str,
+    *,
+    key: str,
+    dtype: str = "float32",
+    quantize: str | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> tuple[Any, Any, torch.dtype]:
     """Load a transformers image-text-to-text model and its processor from a hub id or folder.
 
@@ -43,10 +52,17 @@ def load_image_text(
         # bitsandbytes places weights itself; "auto" puts them on the GPU when there is one, else the CPU.
         kwargs.update(quantization_config=qcfg, device_map="auto" if torch.cuda.is_available() else "cpu")
     what = "image-text-to-text model"
-    hf = load_or_explain(lambda: AutoModelForImageTextToText.from_pretrained(path, **kwargs), path, key=key, what=what)
+    with quiet_empty_init():
+        hf = load_or_explain(
+            lambda: AutoModelForImageTextToText.from_pretrained(path, **kwargs), path, key=key, what=what
+        )
     processor = load_or_explain(
         lambda: AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision),
-        path, key=key, what="processor", needs=("tokenizer_config.json",), weights=False,
+        path,
+        key=key,
+        what="processor",
+        needs=("tokenizer_config.json",),
+        weights=False,
     )
     return hf, processor, torch_dtype
 
@@ -76,8 +92,13 @@ class LlavaModel(ImageTextModel):
         revision: str | None = None,
     ) -> None:
         hf, processor, torch_dtype = load_image_text(
-            path, key="path", dtype=dtype, quantize=quantize, attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code, revision=revision,
+            path,
+            key="path",
+            dtype=dtype,
+            quantize=quantize,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
         )
         super().__init__(hf, processor, dtype=torch_dtype, gradient_checkpointing=gradient_checkpointing)
         self.path = path

@@ -14,8 +14,14 @@ from transformers import PreTrainedModel, ProcessorMixin
 from mmkd.models.contract import ModelOutput
 from mmkd.models.moe import RouterLossCollector
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 # Keys a collated batch carries that generation does not take.
 _NOT_FOR_GENERATE = ("labels", "teacher_", "chosen_", "rejected_", "ids", "answer")
 
@@ -42,7 +48,11 @@ class ImageTextModel(nn.Module):
     """
 
     def __init__(
-        self, hf: PreTrainedModel, processor: ProcessorMixin, *, dtype: torch.dtype = torch.float32,
+        self,
+        hf: PreTrainedModel,
+        processor: ProcessorMixin,
+        *,
+        dtype: torch.dtype = torch.float32,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -90,8 +100,12 @@ class ImageTextModel(nn.Module):
 
     # -- contract -------------------------------------------------------------------------------------------
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None,
-        output_hidden_states: bool = False, **kwargs: Any,
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixel_values: Tensor | None = None,
+        output_hidden_states: bool = False,
+        **kwargs: Any,
     ) -> ModelOutput:
         """One forward pass over a collated batch.
 
@@ -112,8 +126,13 @@ class ImageTextModel(nn.Module):
             self._routers.start()
         base = getattr(self.hf, self.hf.base_model_prefix)
         out = base(
-            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-            output_hidden_states=output_hidden_states, use_cache=False, return_dict=True, **kwargs,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            output_hidden_states=output_hidden_states,
+            use_cache=False,
+            return_dict=True,
+            **kwargs,
         )
         aux = self._routers.finish(attention_mask) if self._routers is not None else None
         head = self.hf.get_output_embeddings()
@@ -195,7 +214,11 @@ class ImageTextModel(nn.Module):
 
     def gradient_checkpointing_enable(self) -> None:
         # Non-reentrant checkpointing works with frozen inputs (frozen vision tower, trainable LM).
-        self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.hf, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
         """Write weights (safetensors), config, generation config, tokenizer and processor to ``out_dir``."""

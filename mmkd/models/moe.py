@@ -10,8 +10,10 @@ cannot carry ``router_logits`` (``output_router_logits=True`` fails inside Llava
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -118,6 +120,14 @@ def router_z_loss(logits: list[Tensor], mask: Tensor | None = None) -> Tensor:
     return torch.stack([_masked_mean(layer.float().logsumexp(-1).square(), mask) for layer in logits]).mean()
 
 
+@contextlib.contextmanager
+def quiet_empty_init() -> Iterator[None]:
+    """Silence torch's warning about initialising the (intentionally) zero-width shared expert."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        yield
+
+
 def _moe_config(dense: Any, num_experts: int, top_k: int, every: int, aux: float, z: float) -> Qwen2MoeConfig:
     if dense.model_type not in _DENSE_TYPES:
         raise ValueError(
@@ -169,9 +179,7 @@ def _moe_config(dense: Any, num_experts: int, top_k: int, every: int, aux: float
 def _upcycle_lm(dense: PreTrainedModel, num_experts: int, top_k: int, every: int, aux: float, z: float) -> nn.Module:
     cfg = _moe_config(dense.config, num_experts, top_k, every, aux, z)
     cfg._attn_implementation = dense.config._attn_implementation
-    with warnings.catch_warnings():
-        # The zero-width shared expert makes torch warn that initialising empty tensors is a no-op.
-        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+    with quiet_empty_init():
         moe = Qwen2MoeForCausalLM(cfg).to(dense.dtype)
     src = dense.state_dict()
     dst = moe.state_dict()
@@ -223,7 +231,9 @@ def upcycle_to_moe(
     if hasattr(model, "upcycle_language_model"):
         return model.upcycle_language_model(num_experts, top_k, every, router_aux_loss_coef, z_loss_coef)
     if not isinstance(model, PreTrainedModel):
-        raise ValueError(f"upcycle_to_moe: expected a transformers causal LM or MLLMStudent, got {type(model).__name__}")
+        raise ValueError(
+            f"upcycle_to_moe: expected a transformers causal LM or MLLMStudent, got {type(model).__name__}"
+        )
     return _upcycle_lm(model, num_experts, top_k, every, router_aux_loss_coef, z_loss_coef)
 
 
@@ -239,7 +249,11 @@ class UpcycleToMoE:
     """
 
     def __init__(
-        self, num_experts: int = 4, top_k: int = 2, every: int = 1, router_aux_loss_coef: float = 0.01,
+        self,
+        num_experts: int = 4,
+        top_k: int = 2,
+        every: int = 1,
+        router_aux_loss_coef: float = 0.01,
         z_loss_coef: float = 0.0,
     ) -> None:
         self.num_experts, self.top_k, self.every = num_experts, top_k, every

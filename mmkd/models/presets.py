@@ -19,17 +19,64 @@ KINDS = ("llava-teacher", "mllm-student", "moe-student", "clip-teacher", "clip-s
 
 # Per-kind default sizes; any of them can be overridden through build_tiny(**sizes).
 _SIZES: dict[str, dict[str, Any]] = {
-    "llava-teacher": {"image_size": 32, "patch_size": 8, "vision_hidden": 64, "vision_layers": 2, "hidden": 128,
-                      "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 256},
-    "mllm-student": {"image_size": 32, "patch_size": 8, "vision_hidden": 48, "vision_layers": 2, "hidden": 64,
-                     "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128},
-    "moe-student": {"image_size": 32, "patch_size": 8, "vision_hidden": 48, "vision_layers": 2, "hidden": 64,
-                    "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128, "num_experts": 4, "top_k": 2,
-                    "every": 1},
-    "clip-teacher": {"image_size": 32, "patch_size": 8, "vision_hidden": 64, "vision_layers": 2, "hidden": 64,
-                     "layers": 2, "heads": 4, "embed_dim": 64, "context_length": 32},
-    "clip-student": {"image_size": 32, "patch_size": 8, "vision_hidden": 32, "vision_layers": 1, "hidden": 32,
-                     "layers": 1, "heads": 2, "embed_dim": 64, "context_length": 32},
+    "llava-teacher": {
+        "image_size": 32,
+        "patch_size": 8,
+        "vision_hidden": 64,
+        "vision_layers": 2,
+        "hidden": 128,
+        "layers": 2,
+        "heads": 4,
+        "kv_heads": 2,
+        "intermediate": 256,
+    },
+    "mllm-student": {
+        "image_size": 32,
+        "patch_size": 8,
+        "vision_hidden": 48,
+        "vision_layers": 2,
+        "hidden": 64,
+        "layers": 2,
+        "heads": 4,
+        "kv_heads": 2,
+        "intermediate": 128,
+    },
+    "moe-student": {
+        "image_size": 32,
+        "patch_size": 8,
+        "vision_hidden": 48,
+        "vision_layers": 2,
+        "hidden": 64,
+        "layers": 2,
+        "heads": 4,
+        "kv_heads": 2,
+        "intermediate": 128,
+        "num_experts": 4,
+        "top_k": 2,
+        "every": 1,
+    },
+    "clip-teacher": {
+        "image_size": 32,
+        "patch_size": 8,
+        "vision_hidden": 64,
+        "vision_layers": 2,
+        "hidden": 64,
+        "layers": 2,
+        "heads": 4,
+        "embed_dim": 64,
+        "context_length": 32,
+    },
+    "clip-student": {
+        "image_size": 32,
+        "patch_size": 8,
+        "vision_hidden": 32,
+        "vision_layers": 1,
+        "hidden": 32,
+        "layers": 1,
+        "heads": 2,
+        "embed_dim": 64,
+        "context_length": 32,
+    },
 }
 
 
@@ -38,28 +85,54 @@ def tiny_clip_config(**sizes: Any) -> dict[str, Any]:
     s = {**_SIZES["clip-teacher"], **sizes}
     return {
         "embed_dim": s["embed_dim"],
-        "vision_cfg": {"image_size": s["image_size"], "layers": s["vision_layers"], "width": s["vision_hidden"],
-                       "head_width": s["vision_hidden"] // s["heads"], "patch_size": s["patch_size"]},
-        "text_cfg": {"context_length": s["context_length"], "vocab_size": 49408, "width": s["hidden"],
-                     "heads": s["heads"], "layers": s["layers"]},
+        "vision_cfg": {
+            "image_size": s["image_size"],
+            "layers": s["vision_layers"],
+            "width": s["vision_hidden"],
+            "head_width": s["vision_hidden"] // s["heads"],
+            "patch_size": s["patch_size"],
+        },
+        "text_cfg": {
+            "context_length": s["context_length"],
+            "vocab_size": 49408,
+            "width": s["hidden"],
+            "heads": s["heads"],
+            "layers": s["layers"],
+        },
     }
 
 
 def _write_parts(tmp: Path, tokenizer: str, s: dict[str, Any]) -> tuple[str, str]:
     """Write a random HF CLIP vision tower and a random Qwen2 LM sized for ``tokenizer`` into ``tmp``."""
-    vision = CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=s["vision_hidden"], intermediate_size=4 * s["vision_hidden"], num_hidden_layers=s["vision_layers"],
-        num_attention_heads=s["heads"], image_size=s["image_size"], patch_size=s["patch_size"],
-        projection_dim=s["vision_hidden"], hidden_act="quick_gelu",
-    ))
+    vision = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=s["vision_hidden"],
+            intermediate_size=4 * s["vision_hidden"],
+            num_hidden_layers=s["vision_layers"],
+            num_attention_heads=s["heads"],
+            image_size=s["image_size"],
+            patch_size=s["patch_size"],
+            projection_dim=s["vision_hidden"],
+            hidden_act="quick_gelu",
+        )
+    )
     vision.save_pretrained(tmp / "vision")
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    lm = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-        max_position_embeddings=512, tie_word_embeddings=s.get("tie", False),
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-    ))
+    lm = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tok),
+            hidden_size=s["hidden"],
+            intermediate_size=s["intermediate"],
+            num_hidden_layers=s["layers"],
+            num_attention_heads=s["heads"],
+            num_key_value_heads=s["kv_heads"],
+            max_position_embeddings=512,
+            tie_word_embeddings=s.get("tie", False),
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.bos_token_id,
+        )
+    )
     lm.save_pretrained(tmp / "lm")
     return str(tmp / "vision"), str(tmp / "lm")
 

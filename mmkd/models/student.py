@@ -23,7 +23,7 @@ from transformers import (
 from mmkd.models.errors import load_or_explain
 from mmkd.models.llava import load_image_text
 from mmkd.models.mllm import ImageTextModel, resolve_dtype
-from mmkd.models.moe import _upcycle_lm
+from mmkd.models.moe import _upcycle_lm, quiet_empty_init
 from mmkd.models.towers import load_vision_tower
 
 PROJECTORS = ("mlp2x_gelu",)
@@ -84,12 +84,18 @@ class MLLMStudent(ImageTextModel):
             lm_kwargs["attn_implementation"] = attn_implementation
         lm = load_or_explain(
             lambda: AutoModelForCausalLM.from_pretrained(language_model, **lm_kwargs),
-            language_model, key="language_model", what="causal LM",
+            language_model,
+            key="language_model",
+            what="causal LM",
         )
         tok_path = tokenizer or language_model
         tok = load_or_explain(
-            lambda: AutoTokenizer.from_pretrained(tok_path), tok_path, key="tokenizer", what="tokenizer",
-            needs=("tokenizer_config.json",), weights=False,
+            lambda: AutoTokenizer.from_pretrained(tok_path),
+            tok_path,
+            key="tokenizer",
+            what="tokenizer",
+            needs=("tokenizer_config.json",),
+            weights=False,
         )
         tok = _prepare_tokenizer(tok)
         image_token_id = tok.convert_tokens_to_ids("<image>")
@@ -130,7 +136,11 @@ class MLLMStudent(ImageTextModel):
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | os.PathLike, *, dtype: str = "float32", gradient_checkpointing: bool = False,
+        cls,
+        folder: str | os.PathLike,
+        *,
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
         attn_implementation: str | None = None,
     ) -> MLLMStudent:
         """Reload a student written by :meth:`save_pretrained` (dense or MoE) through transformers' Auto classes."""
@@ -143,7 +153,11 @@ class MLLMStudent(ImageTextModel):
 
     @torch.no_grad()
     def upcycle_language_model(
-        self, num_experts: int, top_k: int, every: int = 1, router_aux_loss_coef: float = 0.01,
+        self,
+        num_experts: int,
+        top_k: int,
+        every: int = 1,
+        router_aux_loss_coef: float = 0.01,
         z_loss_coef: float = 0.0,
     ) -> MLLMStudent:
         """Replace the dense LM by its sparse-upcycled Qwen2-MoE (see :func:`mmkd.models.upcycle_to_moe`)."""
@@ -156,7 +170,8 @@ class MLLMStudent(ImageTextModel):
         moe = _upcycle_lm(dense, num_experts, top_k, every, router_aux_loss_coef, z_loss_coef)
         config = hf.config
         config.text_config = moe.config
-        new = LlavaForConditionalGeneration(config).to(self.compute_dtype)
+        with quiet_empty_init():
+            new = LlavaForConditionalGeneration(config).to(self.compute_dtype)
         new.model.vision_tower.load_state_dict(hf.model.vision_tower.state_dict())
         new.model.multi_modal_projector.load_state_dict(hf.model.multi_modal_projector.state_dict())
         new.model.language_model.load_state_dict(moe.get_decoder().state_dict())
@@ -166,13 +181,19 @@ class MLLMStudent(ImageTextModel):
         if self._routers is not None:
             self._routers.remove()
         checkpointing = getattr(hf, "is_activation_checkpointing", False)
-        ImageTextModel.__init__(self, new, self.processor, dtype=self.compute_dtype, gradient_checkpointing=checkpointing)
+        ImageTextModel.__init__(
+            self, new, self.processor, dtype=self.compute_dtype, gradient_checkpointing=checkpointing
+        )
         return self
 
 
 def load_processor(folder: str) -> Any:
     """The processor of a saved student or teacher folder."""
     return load_or_explain(
-        lambda: AutoProcessor.from_pretrained(folder), folder, key="processor", what="processor",
-        needs=("tokenizer_config.json",), weights=False,
+        lambda: AutoProcessor.from_pretrained(folder),
+        folder,
+        key="processor",
+        what="processor",
+        needs=("tokenizer_config.json",),
+        weights=False,
     )

@@ -54,17 +54,20 @@ class VisionTower:
 
 def _clip_processor(size: int, mean: tuple[float, ...] = OPENAI_MEAN, std: tuple[float, ...] = OPENAI_STD) -> Any:
     return CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-        image_mean=list(mean), image_std=list(std), do_convert_rgb=True,
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(mean),
+        image_std=list(std),
+        do_convert_rgb=True,
     )
 
 
 def load_vision_tower(vision: str, *, image_size: int | None = None, dtype: torch.dtype = torch.float32) -> VisionTower:
     """Load ``vision`` (see module docstring) as a transformers CLIP/SigLIP vision model with its processor."""
     if vision.startswith("open_clip:"):
-        tower = _from_open_clip(vision[len("open_clip:"):], image_size)
+        tower = _from_open_clip(vision[len("open_clip:") :], image_size)
     elif vision.startswith("timm:"):
-        tower = _from_timm(vision[len("timm:"):], image_size)
+        tower = _from_timm(vision[len("timm:") :], image_size)
     else:
         tower = _from_hf(vision, image_size)
     tower.model.to(dtype)
@@ -87,7 +90,8 @@ def _from_hf(vision: str, image_size: int | None) -> VisionTower:
     except (OSError, ValueError):
         size = vcfg.image_size
         processor = (
-            _clip_processor(size) if kind == "clip_vision_model"
+            _clip_processor(size)
+            if kind == "clip_vision_model"
             else SiglipImageProcessor(size={"height": size, "width": size})
         )
     siglip = kind == "siglip_vision_model"
@@ -108,14 +112,22 @@ def _from_open_clip(spec: str, image_size: int | None) -> VisionTower:
 
     name, pretrained = _split_open_clip(spec)
     key = "vision"
-    if name.startswith("local-dir:") and not os.path.isfile(os.path.join(name[len("local-dir:"):], "open_clip_config.json")):
+    if name.startswith("local-dir:") and not os.path.isfile(
+        os.path.join(name[len("local-dir:") :], "open_clip_config.json")
+    ):
         raise ModelNotFoundError(
             f"vision='open_clip:{spec}': folder lacks open_clip_config.json (expected a folder written by "
-            "CLIPModel.save_pretrained or open_clip's save_for_hf)", path=spec, key=key,
+            "CLIPModel.save_pretrained or open_clip's save_for_hf)",
+            path=spec,
+            key=key,
         )
     kwargs = {"force_image_size": image_size} if image_size else {}
     model = load_or_explain(
-        lambda: open_clip.create_model(name, pretrained=pretrained, **kwargs), spec, key=key, what="open_clip model"
+        lambda: open_clip.create_model(name, pretrained=pretrained, **kwargs),
+        spec,
+        key=key,
+        what="open_clip model",
+        check=False,  # the open_clip folder layout was checked above
     )
     visual = model.visual
     hf = open_clip_visual_to_hf(visual, where=f"open_clip:{spec}")
@@ -146,9 +158,12 @@ def open_clip_visual_to_hf(visual: nn.Module, *, where: str) -> CLIPVisionModel:
     blocks = list(visual.transformer.resblocks)
     block = blocks[0]
     ok = (
-        isinstance(visual.ln_pre, nn.LayerNorm) and getattr(visual, "attn_pool", None) is None
-        and isinstance(block.ls_1, nn.Identity) and isinstance(block.ln_attn, nn.Identity)
-        and getattr(visual.conv1, "bias", None) is None and type(block.attn).__name__ == "MultiheadAttention"
+        isinstance(visual.ln_pre, nn.LayerNorm)
+        and getattr(visual, "attn_pool", None) is None
+        and isinstance(block.ls_1, nn.Identity)
+        and isinstance(getattr(block, "ln_attn", nn.Identity()), nn.Identity)
+        and getattr(visual.conv1, "bias", None) is None
+        and type(block.attn).__name__ == "MultiheadAttention"
     )
     if not ok:
         raise ValueError(
@@ -183,17 +198,34 @@ def open_clip_visual_to_hf(visual: nn.Module, *, where: str) -> CLIPVisionModel:
         p = f"vision_model.encoder.layers.{i}."
         q, k, v = b.attn.in_proj_weight.chunk(3, 0)
         qb, kb, vb = b.attn.in_proj_bias.chunk(3, 0)
-        sd.update({
-            p + "self_attn.q_proj.weight": q, p + "self_attn.q_proj.bias": qb,
-            p + "self_attn.k_proj.weight": k, p + "self_attn.k_proj.bias": kb,
-            p + "self_attn.v_proj.weight": v, p + "self_attn.v_proj.bias": vb,
-            p + "self_attn.out_proj.weight": b.attn.out_proj.weight, p + "self_attn.out_proj.bias": b.attn.out_proj.bias,
-            p + "layer_norm1.weight": b.ln_1.weight, p + "layer_norm1.bias": b.ln_1.bias,
-            p + "layer_norm2.weight": b.ln_2.weight, p + "layer_norm2.bias": b.ln_2.bias,
-            p + "mlp.fc1.weight": b.mlp.c_fc.weight, p + "mlp.fc1.bias": b.mlp.c_fc.bias,
-            p + "mlp.fc2.weight": b.mlp.c_proj.weight, p + "mlp.fc2.bias": b.mlp.c_proj.bias,
-        })
-    hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
+        sd.update(
+            {
+                p + "self_attn.q_proj.weight": q,
+                p + "self_attn.q_proj.bias": qb,
+                p + "self_attn.k_proj.weight": k,
+                p + "self_attn.k_proj.bias": kb,
+                p + "self_attn.v_proj.weight": v,
+                p + "self_attn.v_proj.bias": vb,
+                p + "self_attn.out_proj.weight": b.attn.out_proj.weight,
+                p + "self_attn.out_proj.bias": b.attn.out_proj.bias,
+                p + "layer_norm1.weight": b.ln_1.weight,
+                p + "layer_norm1.bias": b.ln_1.bias,
+                p + "layer_norm2.weight": b.ln_2.weight,
+                p + "layer_norm2.bias": b.ln_2.bias,
+                p + "mlp.fc1.weight": b.mlp.c_fc.weight,
+                p + "mlp.fc1.bias": b.mlp.c_fc.bias,
+                p + "mlp.fc2.weight": b.mlp.c_proj.weight,
+                p + "mlp.fc2.bias": b.mlp.c_proj.bias,
+            }
+        )
+    return _load_clip_vision(hf, sd)
+
+
+def _load_clip_vision(hf: CLIPVisionModel, sd: dict[str, Tensor]) -> CLIPVisionModel:
+    # transformers 5 may or may not nest the weights under `vision_model.`; follow whatever this version uses.
+    nested = any(k.startswith("vision_model.") for k in hf.state_dict())
+    prefix = len("vision_model.")
+    hf.load_state_dict({(k if nested else k[prefix:]): v.detach().clone() for k, v in sd.items()}, strict=True)
     return hf.eval()
 
 
@@ -210,7 +242,9 @@ def _from_timm(spec: str, image_size: int | None) -> VisionTower:
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": os.path.expanduser(checkpoint)})
     else:
         kwargs["pretrained"] = True
-    model = load_or_explain(lambda: timm.create_model(name, **kwargs), spec, key="vision", what="timm model")
+    model = load_or_explain(
+        lambda: timm.create_model(name, **kwargs), spec, key="vision", what="timm model", check=False
+    )
     hf = timm_vit_to_hf(model, where=f"timm:{spec}")
     cfg = model.pretrained_cfg or {}
     mean, std = tuple(cfg.get("mean", OPENAI_MEAN)), tuple(cfg.get("std", OPENAI_STD))
@@ -223,10 +257,15 @@ def timm_vit_to_hf(vit: nn.Module, *, where: str) -> CLIPVisionModel:
     register tokens, bias-free patch embedding) into an HF ``CLIPVisionModel`` with the same hidden states."""
     blocks = list(getattr(vit, "blocks", []))
     ok = (
-        type(vit).__name__ == "VisionTransformer" and isinstance(vit.norm_pre, nn.LayerNorm)
-        and vit.cls_token is not None and getattr(vit, "num_reg_tokens", 0) == 0
-        and vit.patch_embed.proj.bias is None and blocks and isinstance(blocks[0].ls1, nn.Identity)
-        and isinstance(blocks[0].attn.q_norm, nn.Identity) and not getattr(vit, "no_embed_class", False)
+        type(vit).__name__ == "VisionTransformer"
+        and isinstance(vit.norm_pre, nn.LayerNorm)
+        and vit.cls_token is not None
+        and getattr(vit, "num_reg_tokens", 0) == 0
+        and vit.patch_embed.proj.bias is None
+        and blocks
+        and isinstance(blocks[0].ls1, nn.Identity)
+        and isinstance(blocks[0].attn.q_norm, nn.Identity)
+        and not getattr(vit, "no_embed_class", False)
     )
     if not ok:
         raise ValueError(
@@ -236,32 +275,49 @@ def timm_vit_to_hf(vit: nn.Module, *, where: str) -> CLIPVisionModel:
     width = vit.embed_dim
     patch = vit.patch_embed.patch_size[0]
     cfg = CLIPVisionConfig(
-        hidden_size=width, intermediate_size=blocks[0].mlp.fc1.out_features, num_hidden_layers=len(blocks),
-        num_attention_heads=blocks[0].attn.num_heads, image_size=vit.patch_embed.img_size[0], patch_size=patch,
-        hidden_act=_act_name(blocks[0].mlp.act, where), layer_norm_eps=vit.norm_pre.eps, projection_dim=width,
+        hidden_size=width,
+        intermediate_size=blocks[0].mlp.fc1.out_features,
+        num_hidden_layers=len(blocks),
+        num_attention_heads=blocks[0].attn.num_heads,
+        image_size=vit.patch_embed.img_size[0],
+        patch_size=patch,
+        hidden_act=_act_name(blocks[0].mlp.act, where),
+        layer_norm_eps=vit.norm_pre.eps,
+        projection_dim=width,
     )
     hf = CLIPVisionModel(cfg)
     sd: dict[str, Tensor] = {
         "vision_model.embeddings.class_embedding": vit.cls_token.reshape(-1),
         "vision_model.embeddings.patch_embedding.weight": vit.patch_embed.proj.weight,
         "vision_model.embeddings.position_embedding.weight": vit.pos_embed.reshape(-1, width),
-        "vision_model.pre_layrnorm.weight": vit.norm_pre.weight, "vision_model.pre_layrnorm.bias": vit.norm_pre.bias,
-        "vision_model.post_layernorm.weight": vit.norm.weight, "vision_model.post_layernorm.bias": vit.norm.bias,
+        "vision_model.pre_layrnorm.weight": vit.norm_pre.weight,
+        "vision_model.pre_layrnorm.bias": vit.norm_pre.bias,
+        "vision_model.post_layernorm.weight": vit.norm.weight,
+        "vision_model.post_layernorm.bias": vit.norm.bias,
     }
     for i, b in enumerate(blocks):
         p = f"vision_model.encoder.layers.{i}."
         q, k, v = b.attn.qkv.weight.chunk(3, 0)
         bias = b.attn.qkv.bias if b.attn.qkv.bias is not None else torch.zeros(3 * width)
         qb, kb, vb = bias.chunk(3, 0)
-        sd.update({
-            p + "self_attn.q_proj.weight": q, p + "self_attn.q_proj.bias": qb,
-            p + "self_attn.k_proj.weight": k, p + "self_attn.k_proj.bias": kb,
-            p + "self_attn.v_proj.weight": v, p + "self_attn.v_proj.bias": vb,
-            p + "self_attn.out_proj.weight": b.attn.proj.weight, p + "self_attn.out_proj.bias": b.attn.proj.bias,
-            p + "layer_norm1.weight": b.norm1.weight, p + "layer_norm1.bias": b.norm1.bias,
-            p + "layer_norm2.weight": b.norm2.weight, p + "layer_norm2.bias": b.norm2.bias,
-            p + "mlp.fc1.weight": b.mlp.fc1.weight, p + "mlp.fc1.bias": b.mlp.fc1.bias,
-            p + "mlp.fc2.weight": b.mlp.fc2.weight, p + "mlp.fc2.bias": b.mlp.fc2.bias,
-        })
-    hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
-    return hf.eval()
+        sd.update(
+            {
+                p + "self_attn.q_proj.weight": q,
+                p + "self_attn.q_proj.bias": qb,
+                p + "self_attn.k_proj.weight": k,
+                p + "self_attn.k_proj.bias": kb,
+                p + "self_attn.v_proj.weight": v,
+                p + "self_attn.v_proj.bias": vb,
+                p + "self_attn.out_proj.weight": b.attn.proj.weight,
+                p + "self_attn.out_proj.bias": b.attn.proj.bias,
+                p + "layer_norm1.weight": b.norm1.weight,
+                p + "layer_norm1.bias": b.norm1.bias,
+                p + "layer_norm2.weight": b.norm2.weight,
+                p + "layer_norm2.bias": b.norm2.bias,
+                p + "mlp.fc1.weight": b.mlp.fc1.weight,
+                p + "mlp.fc1.bias": b.mlp.fc1.bias,
+                p + "mlp.fc2.weight": b.mlp.fc2.weight,
+                p + "mlp.fc2.bias": b.mlp.fc2.bias,
+            }
+        )
+    return _load_clip_vision(hf, sd)

@@ -38,6 +38,8 @@ def align_vocab(teacher: Any, student: Any) -> int:
     for role, model in (("teacher", teacher), ("student", student)):
         rows = _vocab_rows(model)
         if rows < size:
-            raise ValueError(f"{role} LM head has {rows} rows but the tokenizer has {size} tokens; resize its embeddings")
+            raise ValueError(
+                f"{role} LM head has {rows} rows but the tokenizer has {size} tokens; resize its embeddings"
+            )
         model.vocab_limit = size
     return size

@@ -39,8 +39,10 @@ def batch(tokenizer_dir: str) -> dict[str, torch.Tensor]:
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     image_id = tok.convert_tokens_to_ids("<image>")
-    rows = [[image_id] * 16 + tok("Describe the image.")["input_ids"],
-            [image_id] * 16 + tok("Which shape?")["input_ids"]]
+    rows = [
+        [image_id] * 16 + tok("Describe the image.")["input_ids"],
+        [image_id] * 16 + tok("Which shape?")["input_ids"],
+    ]
     width = max(map(len, rows))
     ids = torch.full((2, width), tok.pad_token_id)
     mask = torch.zeros(2, width, dtype=torch.long)

@@ -1,0 +1,129 @@
+"""MLLM students built from parts: plain transformers Llava underneath, parts by name, towers by kind."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+from mmkd.models import CLIPModel, MLLMStudent, ModelNotFoundError
+from mmkd.models.towers import open_clip_visual_to_hf, timm_vit_to_hf
+
+
+@pytest.fixture(scope="module")
+def student(tiny_dirs) -> MLLMStudent:
+    return MLLMStudent.from_pretrained(tiny_dirs["mllm-student"])
+
+
+def test_student_is_transformers_llava_with_contract(student: MLLMStudent, batch) -> None:
+    assert isinstance(student.hf, LlavaForConditionalGeneration)
+    assert student.num_image_tokens == 16 and student.image_token == "<image>"
+    out = student(**batch, output_hidden_states=True)
+    b, t = batch["input_ids"].shape
+    assert out.last_hidden.shape == (b, t, 64)
+    assert out.vision_features.shape == (2, 16, 64)
+    assert out.visual_mask.sum().item() == 32 and out.aux_loss is None
+    torch.testing.assert_close(out.logits(), student.hf(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_parts_by_name_cover_every_parameter_once(student: MLLMStudent) -> None:
+    parts = student.parts()
+    assert list(parts) == ["vision_tower", "projector", "language_model"]
+    ids = [id(p) for ps in parts.values() for p in ps]
+    assert len(ids) == len(set(ids)) == len(list(student.parameters()))
+    assert {p.shape for p in parts["projector"]} == {(64, 48), (64,), (64, 64)}
+
+
+def test_build_from_parts_and_round_trip(tmp_path, tokenizer_dir, batch) -> None:
+    from mmkd.models.presets import _SIZES, _write_parts
+
+    vision, lm = _write_parts(tmp_path / "parts", tokenizer_dir, dict(_SIZES["mllm-student"]))
+    s = MLLMStudent(vision, lm, tokenizer=tokenizer_dir, gradient_checkpointing=True, attn_implementation="eager")
+    assert s.hf.config.vision_feature_select_strategy == "default" and s.hf.config.vision_feature_layer == -2
+    assert s.hf.config.text_config._attn_implementation == "eager"
+    # Gradient checkpointing still gives gradients to the trainable parts.
+    s.train()
+    for p in s.parts()["vision_tower"]:
+        p.requires_grad_(False)
+    out = s(**batch)
+    out.logits().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in s.parts()["projector"])
+    s.save_pretrained(tmp_path / "saved")
+    back = MLLMStudent.from_pretrained(tmp_path / "saved")
+    s.eval()
+    with torch.no_grad():
+        # Same weights; only the attention kernel differs (eager here, transformers' default after reloading).
+        torch.testing.assert_close(back(**batch).logits(), s(**batch).logits(), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(back.hf.state_dict().values(), s.hf.state_dict().values()))
+
+
+def test_tokenizer_without_image_token_gets_one(tmp_path, batch) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mmkd.models.presets import _SIZES, _write_parts
+
+    # A plain LM tokenizer: no <image>, no pad token, no chat template.
+    words = ["<unk>", "</s>", "describe", "the", "image", "."]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", unk_token="<unk>").save_pretrained(tmp_path / "t")
+    vision, lm = _write_parts(tmp_path / "parts", str(tmp_path / "t"), dict(_SIZES["mllm-student"]))
+    s = MLLMStudent(vision, lm, tokenizer=str(tmp_path / "t"))
+    assert s.image_token_id == len(words) == s.tokenizer.convert_tokens_to_ids("<image>")
+    assert s.hf.get_input_embeddings().num_embeddings == len(s.tokenizer) == len(words) + 1
+    assert s.tokenizer.pad_token == "</s>" and s.tokenizer.chat_template
+    ids = torch.tensor([[s.image_token_id] * 16 + [2, 3, 4]])
+    out = s(ids, torch.ones_like(ids), batch["pixel_values"][:1])
+    assert out.visual_mask.sum().item() == 16 and out.head_weight.shape[0] == len(words) + 1
+
+
+def test_open_clip_tower_converts_one_to_one(tiny_dirs, tokenizer_dir, tmp_path, batch) -> None:
+    clip = CLIPModel(str(tiny_dirs["clip-student"]))
+    visual = clip.model.visual.eval()
+    hf = open_clip_visual_to_hf(visual, where="test")
+    images = batch["pixel_values"]
+    with torch.no_grad():
+        pooled = hf(pixel_values=images).pooler_output @ visual.proj
+        torch.testing.assert_close(pooled, visual(images), rtol=1e-5, atol=1e-5)
+    from mmkd.models.presets import _SIZES, _write_parts
+
+    _, lm = _write_parts(tmp_path / "parts", tokenizer_dir, dict(_SIZES["mllm-student"]))
+    s = MLLMStudent(f"open_clip:{tiny_dirs['clip-student']}", lm, tokenizer=tokenizer_dir)
+    assert s.num_image_tokens == 16
+    assert s(**batch).vision_features.shape == (2, 16, 64)
+
+
+def test_timm_clip_layout_vit_converts_one_to_one() -> None:
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_base_patch16_clip_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_classes=0,
+    ).eval()
+    hf = timm_vit_to_hf(vit, where="test")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        # timm's final norm applied to all tokens equals HF's post_layernorm on the last hidden states.
+        torch.testing.assert_close(
+            hf.post_layernorm(hf(pixel_values=x).last_hidden_state),
+            vit.forward_features(x),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1)
+    with pytest.raises(ValueError, match="only CLIP-layout timm ViTs"):
+        timm_vit_to_hf(plain, where="timm:vit_tiny_patch16_224")
+
+
+def test_bad_projector_and_missing_parts(tiny_dirs, tmp_path) -> None:
+    with pytest.raises(ValueError, match="projector='linear'"):
+        MLLMStudent("x", "y", projector="linear")
+    with pytest.raises(ModelNotFoundError, match="vision=.*no such folder"):
+        MLLMStudent(str(tmp_path / "nope"), str(tiny_dirs["mllm-student"]))
