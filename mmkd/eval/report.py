@@ -17,17 +17,16 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def format_table(report: Mapping[str, Any], title: str) -> Table:
-    """A rich table of a ``metrics.json`` report: one row overall, one per category, then the counts.
+def format_table(report: Mapping[str, Any]) -> Table:
+    """A rich table of a ``metrics.json`` report: one row overall, then one per category.
 
     Args:
         report: As ``ScienceQAAccuracy.report``.
-        title: The table's title (model, data, mode).
 
     Returns:
         The table.
     """
-    table = Table(title=title)
+    table = Table()
     table.add_column("category")
     table.add_column("accuracy %", justify="right")
     table.add_column("correct", justify="right")
@@ -35,22 +34,24 @@ def format_table(report: Mapping[str, Any], title: str) -> Table:
     table.add_row("overall", _percent(report["accuracy"]), str(report["correct"]), str(report["count"]), style="bold")
     for name, row in report.get("categories", {}).items():
         table.add_row(name, _percent(row["accuracy"]), str(row["correct"]), str(row["count"]))
-    caption = [f"failed parses {report['failed_parses']}", f"missing answers {report['missing']}"]
-    if "invalid_letters" in report:
-        caption.append(f"letters beyond the options {report['invalid_letters']}")
-    table.caption = " · ".join(caption) + " (all counted wrong)"
     return table
 
 
 def print_report(report: Mapping[str, Any], title: str, console: Console | None = None) -> None:
-    """Print the table of a report.
+    """Print a title line, the table of a report, and the counts of answers that could not be right.
 
     Args:
         report: As ``ScienceQAAccuracy.report``.
-        title: The table's title.
+        title: What was scored (model, data, mode).
         console: Where to print (default: a new stdout console).
     """
-    (console or Console()).print(format_table(report, title))
+    console = console or Console()
+    console.print(f"[bold]{title}[/bold]")
+    console.print(format_table(report))
+    counts = [f"failed parses {report['failed_parses']}", f"missing answers {report['missing']}"]
+    if "invalid_letters" in report:
+        counts.append(f"letters beyond the options {report['invalid_letters']}")
+    console.print(", ".join(counts) + " (all counted wrong)")
 
 
 def write_json(data: Mapping[str, Any], path: str | Path) -> Path:

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from mmkd.data.collate import MultimodalCollator
+from mmkd.data.scienceqa import ScienceQA
 from mmkd.data.tokenizer import build_tokenizer
 from mmkd.eval.commands import evaluate_command, score_command
 from mmkd.eval.loop import letter_token_ids
@@ -16,11 +17,28 @@ from mmkd.models import LlavaModel
 from mmkd.models.presets import build_tiny
 
 
+def _memorise(folder: Path, root: Path, out: Path, steps: int = 30) -> None:
+    """Fit the tiny student to the 6 answers (a few seconds), so that the end-to-end scores are known: 100%."""
+    model = LlavaModel(str(folder))
+    dataset = ScienceQA(root, "test")
+    batch = MultimodalCollator.for_models(model, train=True)([dataset[i] for i in range(len(dataset))])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for _ in range(steps):
+        output = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"))
+        logits = output.logits()[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(out)
+
+
 @pytest.fixture(scope="module")
 def tiny(
     tmp_path_factory: pytest.TempPathFactory, sqa_problems: dict[str, dict], write_sqa: Callable[[Path], Path]
 ) -> dict[str, Path]:
-    """A tiny random student saved as a plain Llava folder, and a synthetic ScienceQA split with images."""
+    """A tiny student (random, and fitted to the split) saved as plain Llava folders, and a synthetic ScienceQA
+    split with images."""
     tmp = tmp_path_factory.mktemp("eval-loop")
     texts = [f"{p['question']} " + " ".join(p["choices"]) for p in sqa_problems.values()]
     build_tokenizer(tmp / "tok", texts=texts * 3 + ["Answer with the option's letter. Context: A. B. C. D."],
@@ -32,7 +50,9 @@ def tiny(
             folder = root / "images" / "test" / pid
             folder.mkdir(parents=True)
             Image.new("RGB", (40, 30), (int(pid) * 40, 90, 200)).save(folder / "image.png")
-    return {"student": tmp / "student", "sqa": root}
+    torch.manual_seed(0)
+    _memorise(tmp / "student", root, tmp / "fitted")
+    return {"student": tmp / "student", "fitted": tmp / "fitted", "sqa": root}
 
 
 def _lines(path: Path) -> list[dict]:
@@ -63,6 +83,14 @@ def test_generate_end_to_end(tiny: dict[str, Path], tmp_path: Path) -> None:
     assert [x["text"] for x in _lines(tmp_path / "b1" / "answers.jsonl")] == [x["text"] for x in lines[:3]]
 
 
+def test_generate_scores_a_fitted_student(tiny: dict[str, Path], tmp_path: Path) -> None:
+    report = evaluate_command(str(tiny["fitted"]), f"sqa:{tiny['sqa']}", out=str(tmp_path), batch_size=4,
+                              max_new_tokens=4)
+    assert [x["text"] for x in _lines(tmp_path / "answers.jsonl")] == ["A", "A", "A", "B", "A", "B"]
+    assert (report["accuracy"], report["correct"], report["failed_parses"]) == (100.0, 6, 0)
+    assert all(row["accuracy"] == 100.0 and row["count"] > 0 for row in report["categories"].values())
+
+
 def test_likelihood_picks_the_most_likely_letter(
     tiny: dict[str, Path], tmp_path: Path, sqa_problems: dict[str, dict]
 ) -> None:
@@ -74,8 +102,6 @@ def test_likelihood_picks_the_most_likely_letter(
     model = LlavaModel(str(tiny["student"])).eval()
     letter_ids = letter_token_ids(model)
     collator = MultimodalCollator.for_models(model, train=False)
-    from mmkd.data.scienceqa import ScienceQA
-
     dataset = ScienceQA(tiny["sqa"], "test", with_answer=False)
     for i, line in enumerate(lines):
         # Unbatched, unpadded reference: log-softmax at the last prompt position, over this question's letters.
