@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from mmkd.models import MLLMStudent, UpcycleToMoE, count_parameters, upcycle_to_moe
-from mmkd.models.moe import RouterLossCollector, load_balancing_loss, router_z_loss
+from mmkd.models.moe import RouterLossCollector, load_balancing_loss, quiet_empty_init, router_z_loss
 
 
 def _qwen2(seed: int = 0) -> Qwen2ForCausalLM:
@@ -82,7 +82,8 @@ def test_saved_moe_reloads_with_transformers(tmp_path) -> None:
     dense = _qwen2()
     moe = upcycle_to_moe(dense, 4, 2, router_aux_loss_coef=0.02, z_loss_coef=0.001)
     moe.save_pretrained(tmp_path)
-    back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with quiet_empty_init():
+        back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert back.config.router_aux_loss_coef == 0.02 and back.config.router_z_loss_coef == 0.001
     assert back.config.output_router_logits is False
     ids = torch.randint(0, 97, (1, 9))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from transformers import AutoTokenizer, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 from mmkd.models import CLIPModel, MLLMStudent, ModelNotFoundError
 from mmkd.models.towers import open_clip_visual_to_hf, timm_vit_to_hf
