@@ -19,18 +19,39 @@ REDUCTIONS = ("mean", "sum", "none")
 def safe_log_softmax(logits: Tensor) -> Tensor:
     """Float32 log-softmax over the last dim with -inf entries floored to ``LOG_FLOOR``.
 
+    The floor is applied only when an entry is below it, in place when no gradient flows through the result,
+    so the common case costs no extra ``(N, V)`` tensor.
+
     Args:
         logits: ``(..., V)``, any float dtype; ``-inf`` allowed for masked vocabulary entries.
 
     Returns:
         ``(..., V)`` float32 log-probabilities.
     """
-    return F.log_softmax(logits.float(), dim=-1).clamp(min=LOG_FLOOR)
+    out = F.log_softmax(logits.float(), dim=-1)
+    if out.numel() and bool(out.detach().amin() < LOG_FLOOR):
+        out = out.clamp(min=LOG_FLOOR) if out.requires_grad else out.clamp_(min=LOG_FLOOR)
+    return out
+
+
+def rowdot(x: Tensor, y: Tensor) -> Tensor:
+    """Row-wise dot product ``(N, V), (N, V) -> (N,)`` through a batched matmul (no ``(N, V)`` temporary)."""
+    return torch.bmm(x.unsqueeze(-2), y.unsqueeze(-1)).flatten()
 
 
 def kl_from_logprobs(logp: Tensor, logq: Tensor) -> Tensor:
     """KL(p‖q) per row from log-probabilities, ``(..., V) -> (...)``."""
     return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def kl_to_constant(teacher_logp: Tensor, logp: Tensor) -> Tensor:
+    """KL(p_T‖p) per row for a constant ``p_T``, ``(N, V), (N, V) -> (N,)``.
+
+    Written as ``p_T·log p_T − p_T·log p`` with row dot products so that autograd keeps only ``p_T`` and
+    the log-softmax output: this is what lets a full-vocabulary forward KL fit in memory.
+    """
+    p = teacher_logp.exp()
+    return rowdot(p, teacher_logp) - rowdot(p, logp)
 
 
 def log_mixture(logp: Tensor, logq: Tensor, weight: float) -> Tensor:

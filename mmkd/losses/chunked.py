@@ -20,8 +20,9 @@ from mmkd.losses._common import token_masks
 from mmkd.losses.divergences import TokenDivergence
 from mmkd.losses.topk import TopKKL
 
-# A chunk's contribution: student logits of the chunk (n, V) and the chunk's number -> scalar (already summed).
-ChunkObjective = Callable[[Tensor, int], Tensor]
+# A chunk's contribution: (student logits of the chunk (n, V), the chunk's number, whether the gradient is
+# needed) -> (the objective summed over the chunk's rows, its gradient w.r.t. the logits (n, V) or None).
+ChunkObjective = Callable[[Tensor, int, bool], tuple[Tensor, Tensor | None]]
 
 # Default chunk: about 64 MiB per (chunk, V) float32 tensor (110 tokens at V = 151,936).
 _CHUNK_BYTES = 64 << 20
@@ -60,12 +61,10 @@ class _FusedHeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for i, group in enumerate(groups):
             h = hidden[group]
-            with torch.enable_grad():
-                logits = _chunk_logits(h, weight, bias).detach().requires_grad_()
-                value = fn(logits, i) * scale
-            (grad_logits,) = torch.autograd.grad(value, logits)
-            total += value.detach()
-            del logits, value
+            value, grad_logits = fn(_chunk_logits(h, weight, bias), i, True)
+            total += value.float() * scale
+            if scale != 1.0:
+                grad_logits.mul_(scale)
             if grad_hidden is not None:
                 grad_h = grad_logits.to(weight.dtype) @ weight
                 if isinstance(group, slice):
@@ -114,8 +113,8 @@ def fused_head_loss(
         weight: Student LM head weight ``(V, H)``.
         bias: Student LM head bias ``(V,)`` or None.
         groups: Row selections of ``hidden`` (slices, or index tensors of disjoint rows), one chunk each.
-        fn: ``fn(logits (n, V), i) -> scalar``: the objective summed over chunk ``i``'s rows. It must treat the
-            teacher side as constant; it runs with gradients enabled.
+        fn: ``fn(logits (n, V), i, need_grad) -> (value, grad)``: the objective summed over chunk ``i``'s rows
+            and, when ``need_grad``, its float32 gradient w.r.t. ``logits`` (see ``per_token_and_grad``).
         scale: Multiplies the sum (``1 / N`` for a mean).
 
     Returns:
@@ -126,7 +125,7 @@ def fused_head_loss(
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     with torch.no_grad():
         for i, group in enumerate(groups):
-            total += fn(_chunk_logits(hidden[group], weight, bias), i).float() * scale
+            total += fn(_chunk_logits(hidden[group], weight, bias), i, False)[0].float() * scale
     return total
 
 
@@ -212,19 +211,20 @@ def chunked_token_loss(
         if teacher_weight.shape[0] != vocab:
             raise ValueError(f"teacher head has {teacher_weight.shape[0]} vocabulary rows, student head {vocab}")
 
-        def fn(logits: Tensor, i: int) -> Tensor:
+        def teacher_side(i: int) -> tuple[Tensor, ...]:
             with torch.no_grad():
-                teacher_chunk = _chunk_logits(teacher[0][groups[i]], teacher_weight, teacher_bias)
-            return loss.per_token(logits, teacher_chunk).sum()
-
-    elif teacher_logits is not None:
-
-        def fn(logits: Tensor, i: int) -> Tensor:
-            return loss.per_token(logits, teacher[0][groups[i]]).sum()
+                return (_chunk_logits(teacher[0][groups[i]], teacher_weight, teacher_bias),)
 
     else:
 
-        def fn(logits: Tensor, i: int) -> Tensor:
-            return loss.per_token(logits, teacher[0][groups[i]], teacher[1][groups[i]]).sum()
+        def teacher_side(i: int) -> tuple[Tensor, ...]:
+            return tuple(t[groups[i]] for t in teacher)
+
+    def fn(logits: Tensor, i: int, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+        side = teacher_side(i)
+        if not need_grad:
+            return loss.per_token(logits, *side).sum(), None
+        values, grad = loss.per_token_and_grad(logits, *side)
+        return values.sum(), grad
 
     return fused_head_loss(hidden, head_weight, head_bias, groups, fn, scale)

@@ -6,13 +6,16 @@ the positions to compare, float32 math whatever the input dtype, and a mean over
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from mmkd.losses._common import (
     check_reduction,
     kl_from_logprobs,
+    kl_to_constant,
     log_mixture,
     reduce,
+    rowdot,
     safe_log_softmax,
     select_tokens,
 )
@@ -52,6 +55,30 @@ class TokenDivergence(nn.Module):
         """
         raise NotImplementedError
 
+    @staticmethod
+    def _check_shapes(student_logits: Tensor, teacher_logits: Tensor) -> None:
+        if student_logits.shape != teacher_logits.shape:
+            raise ValueError(
+                f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+                "must have the same shape (same tokens, same vocabulary)"
+            )
+
+    def per_token_and_grad(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-token values and the gradient of their sum w.r.t. ``student_logits``, for the chunked path.
+
+        Args:
+            student_logits: ``(n, V)``.
+            teacher_logits: ``(n, V)``.
+
+        Returns:
+            Detached values ``(n,)`` float32 and the gradient ``(n, V)`` float32.
+        """
+        with torch.enable_grad():
+            logits = student_logits.detach().float().requires_grad_()
+            values = self.per_token(logits, teacher_logits)
+            (grad,) = torch.autograd.grad(values.sum(), logits)
+        return values.detach(), grad
+
     def per_token(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         """The objective on already-selected, aligned rows (used by the chunked path and the modules).
 
@@ -62,11 +89,7 @@ class TokenDivergence(nn.Module):
         Returns:
             ``(N,)`` float32 values, before reduction, including the optional ``T²`` factor.
         """
-        if student_logits.shape != teacher_logits.shape:
-            raise ValueError(
-                f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
-                "must have the same shape (same tokens, same vocabulary)"
-            )
+        self._check_shapes(student_logits, teacher_logits)
         logits = student_logits.float()
         teacher_logits = teacher_logits.detach().float()
         if self.temperature != 1.0:
@@ -108,7 +131,31 @@ class ForwardKL(TokenDivergence):
     """
 
     def divergence(self, logp: Tensor, teacher_logp: Tensor, logits: Tensor) -> Tensor:
-        return kl_from_logprobs(teacher_logp, logp)
+        return kl_to_constant(teacher_logp, logp)
+
+    def per_token_and_grad(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+        # Closed form d KL(p_T‖softmax(z/T)) / dz = (softmax(z/T) − p_T) / T, computed in place: the chunked
+        # path then holds about four (chunk, V) tensors instead of the dozen autograd would keep.
+        self._check_shapes(student_logits, teacher_logits)
+        tau = self.temperature
+        logits = student_logits.detach().float()
+        teacher = teacher_logits.detach().float()
+        if tau != 1.0:
+            logits, teacher = logits / tau, teacher / tau
+        logp = safe_log_softmax(logits)
+        teacher_logp = safe_log_softmax(teacher)
+        del teacher
+        p = teacher_logp.exp()
+        values = rowdot(p, teacher_logp) - rowdot(p, logp)
+        del teacher_logp
+        grad = logp.exp_().sub_(p)
+        del p
+        if bool(student_logits.detach().amin() == float("-inf")):
+            grad.masked_fill_(student_logits.detach() == float("-inf"), 0.0)  # as autograd through the floor
+        factor = tau if self.scale_by_t2 else 1.0 / tau
+        if factor != 1.0:
+            grad.mul_(factor)
+        return (values * tau**2 if self.scale_by_t2 else values), grad
 
 
 class ReverseKL(TokenDivergence):

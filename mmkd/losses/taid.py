@@ -107,11 +107,7 @@ class TAID(TokenDivergence):
 
     def per_token(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         """``KL(p_t‖p_S)`` per row, ``(N, V), (N, V) -> (N,)`` float32; see :meth:`TokenDivergence.per_token`."""
-        if student_logits.shape != teacher_logits.shape:
-            raise ValueError(
-                f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
-                "must have the same shape (same tokens, same vocabulary)"
-            )
+        self._check_shapes(student_logits, teacher_logits)
         t = float(self.t)
         logits = student_logits.float()
         teacher_logits = teacher_logits.detach().float()

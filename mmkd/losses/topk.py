@@ -92,6 +92,16 @@ class TopKKL(nn.Module):
         values = (teacher_p * (teacher_lp - top_logp)).sum(-1) + teacher_tail * (teacher_tail_lp - tail_logp)
         return values
 
+    def per_token_and_grad(
+        self, student_logits: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Values ``(n,)`` and the gradient of their sum w.r.t. ``student_logits`` ``(n, V)``, both float32."""
+        with torch.enable_grad():
+            logits = student_logits.detach().float().requires_grad_()
+            values = self.per_token(logits, teacher_indices, teacher_logprobs)
+            (grad,) = torch.autograd.grad(values.sum(), logits)
+        return values.detach(), grad
+
     def forward(
         self,
         student_logits: Tensor,

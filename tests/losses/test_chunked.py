@@ -143,3 +143,20 @@ def test_bad_arguments():
         chunked_token_loss(TopKKL(), h, w, th, tw)
     with pytest.raises(ValueError, match="pass mask"):
         chunked_token_loss(ForwardKL(), h[None], w, th[None], tw)
+
+
+@pytest.mark.parametrize("name", ["fkl", "jsd", "taid"])
+def test_chunked_with_minus_inf_vocabulary_entries(name):
+    loss = LOSSES[name]()
+    (h, w, b), (th, tw, tb) = _setup()
+    b.data[-3:] = float("-inf")  # masked vocabulary entries on both sides
+    tb = tb.clone()
+    tb[-3:] = float("-inf")
+    naive = loss.per_token(h @ w.t() + b, th @ tw.t() + tb).mean()
+    expected = torch.autograd.grad(naive, [h, w])
+    chunked = chunked_token_loss(loss, h, w, th, tw, head_bias=b, teacher_head_bias=tb, chunk_size=5)
+    got = torch.autograd.grad(chunked, [h, w])
+    assert torch.isfinite(chunked) and all(torch.isfinite(g).all() for g in got)
+    assert chunked.item() == pytest.approx(naive.item(), abs=1e-5)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
