@@ -10,18 +10,18 @@ from mmkd.eval.score import score_answer_file
 
 
 @pytest.mark.parametrize(
-    ("name", "correct", "img_correct", "failed"),
-    [("answers_llava-v1.5-13b.jsonl", 3155, 1445, 5), ("answers_llava-13b-v0.jsonl", 3855, 1775, 0)],
+    ("name", "correct", "img_correct", "failed", "invalid"),
+    [("answers_llava-v1.5-13b.jsonl", 3155, 1445, 5, 33), ("answers_llava-13b-v0.jsonl", 3855, 1775, 0, 1)],
 )
 def test_reproduces_published_llava_scores(
-    sqa_reference: Path, name: str, correct: int, img_correct: int, failed: int
+    sqa_reference: Path, name: str, correct: int, img_correct: int, failed: int, invalid: int
 ) -> None:
     key = load_question_file_key(sqa_reference / "llava_test_CQM-A.json")
     report = score_answer_file(sqa_reference / name, key)
     assert (report["correct"], report["count"]) == (correct, 4241)
     assert (report["categories"]["IMG"]["correct"], report["categories"]["IMG"]["count"]) == (img_correct, 2017)
     assert set(report["categories"]) == {"TXT", "IMG", "NO"}
-    assert report["failed_parses"] == failed and report["missing"] == 0
+    assert (report["failed_parses"], report["invalid_letters"], report["missing"]) == (failed, invalid, 0)
     assert round(report["accuracy"], 2) == {3155: 74.39, 3855: 90.90}[correct]
     assert round(report["categories"]["IMG"]["accuracy"], 2) == {3155: 71.64, 3855: 88.00}[correct]
 
