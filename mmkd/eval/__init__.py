@@ -1,6 +1,12 @@
 """ScienceQA-style evaluation: answer parsing as LLaVA's scorer, accuracy by category, the generation loop."""
 
-from mmkd.eval.answer_key import AnswerKey, KeyedQuestion, load_question_file_key, load_scienceqa_key
+from mmkd.eval.answer_key import (
+    AnswerKey,
+    KeyedQuestion,
+    key_from_record,
+    load_question_file_key,
+    load_scienceqa_key,
+)
 from mmkd.eval.answers import AnswerWriter, read_answers
 from mmkd.eval.categories import CATEGORIES, PROMPT_CATEGORIES, problem_categories, prompt_categories
 from mmkd.eval.metric import ScienceQAAccuracy
@@ -17,6 +23,7 @@ __all__ = [
     "ScienceQAAccuracy",
     "Verdict",
     "judge",
+    "key_from_record",
     "load_question_file_key",
     "load_scienceqa_key",
     "parse_answer",
