@@ -21,7 +21,7 @@ subcommands:
   eval      Score a student or teacher on a ScienceQA-style benchmark:  mmkd eval MODEL --data sqa:DIR
             Score an answer file from any tool:  mmkd eval score ANSWERS.jsonl --data sqa:DIR
   export    Write a run's student as a plain Hugging Face folder:  mmkd export RUN_DIR --out DIR
-  data      Data tools:  mmkd data synth-sqa --out DIR | mmkd data tokenizer --out DIR
+  data      Data tools:  mmkd data synth-sqa --out DIR | tokenizer --out DIR | tiny-assets --out DIR
 
 Run 'mmkd SUBCOMMAND --help' for the options of each.
 """
@@ -195,9 +195,11 @@ def _export(argv: list[str]) -> int:
 
 
 def _data(argv: list[str]) -> int:
+    from mmkd.assets import tiny_assets_command
     from mmkd.data import commands
 
-    table = {"synth-sqa": commands.synth_sqa_command, "tokenizer": commands.tokenizer_command}
+    table = {"synth-sqa": commands.synth_sqa_command, "tokenizer": commands.tokenizer_command,
+             "tiny-assets": tiny_assets_command}
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: mmkd data {synth-sqa,tokenizer} ...\n")
         for name, func in table.items():

@@ -169,6 +169,8 @@ class Runner:
         self.restart_from = restart_from
         self.echo = echo
         self._teacher = None
+        self._datasets: dict[str, tuple[Any, Any]] = {}
+        self._students: dict[str, Any] = {}
         for key, name in (("--stage", only_stage), ("--restart-from", restart_from)):
             if name is not None and name not in recipe.stage_names:
                 raise RecipeError(f"{key}: no stage {name!r} in the recipe (stages: {', '.join(recipe.stage_names)})")
@@ -211,6 +213,7 @@ class Runner:
                 status = manifest.stage(earlier)["status"] if manifest else PENDING
                 if status != DONE and not self._init_elsewhere(self.only_stage):
                     raise RecipeError(f"--stage {self.only_stage}: earlier stage {earlier!r} is {status}, not done")
+        self._preflight(self._stages_to_run(manifest))
         if manifest is None:
             manifest = Manifest.create(manifest_path, self.recipe.stage_names)
         for name in self.recipe.stage_names:
@@ -224,6 +227,45 @@ class Runner:
             atomic_write_text(recipe_path, self.recipe.dump())
         manifest.save()
         return manifest
+
+    def _stages_to_run(self, manifest: Manifest | None) -> list[str]:
+        if self.only_stage is not None:
+            return [self.only_stage]
+        names = self.recipe.stage_names
+        first_restart = names.index(self.restart_from) if self.restart_from else len(names)
+        return [n for i, n in enumerate(names)
+                if i >= first_restart or manifest is None or manifest.stage(n)["status"] != DONE]
+
+    def _preflight(self, names: list[str]) -> None:
+        """Open every dataset and build the models of the first stage before anything is written.
+
+        Bad data files and missing models thus end the command with one line and an untouched run directory.
+        """
+        from mmkd.models.errors import ModelNotFoundError
+
+        for name in names:
+            stage = self.recipe.stage(name)
+            loaded = []
+            for key in ("data", "val_data"):
+                try:
+                    loaded.append(instantiate(stage[key]))
+                except (ValueError, OSError) as err:
+                    raise RecipeError(f"stages.{name}.{key}: {_one_line(err)}") from None
+            self._datasets[name] = (loaded[0], loaded[1])
+        if not names:
+            return
+        try:
+            if any(self._needs_teacher(n) for n in names):
+                self.teacher()
+        except (ModelNotFoundError, OSError) as err:
+            raise RecipeError(f"teacher: {_one_line(err)}") from None
+        try:
+            self._students[names[0]] = self.build_student(names[0])
+        except (ModelNotFoundError, OSError) as err:
+            raise RecipeError(f"student: {_one_line(err)}") from None
+
+    def _needs_teacher(self, name: str) -> bool:
+        return bool(self.recipe.stage(name)["use_teacher"]) and self.recipe.config.get("teacher") is not None
 
     def _init_elsewhere(self, stage: str) -> bool:
         init = self.recipe.stage(stage)["init_from"]
@@ -305,12 +347,11 @@ class Runner:
             manifest.update(name, checkpoint=str(path.relative_to(self.run_dir)), global_step=step)
 
         try:
-            student = self.build_student(name)
-            stage_cfg = self.recipe.stage(name)
-            needs_teacher = stage_cfg["use_teacher"] and self.recipe.config.get("teacher") is not None
-            teacher = self.teacher() if needs_teacher else None
+            student = self._students.pop(name, None) or self.build_student(name)
+            teacher = self.teacher() if self._needs_teacher(name) else None
+            data = self._datasets.pop(name, None)
             trainer, module, datamodule = build_stage(
-                self.recipe, name, student, teacher, stage_dir, on_saved, echo=self.echo
+                self.recipe, name, student, teacher, stage_dir, on_saved, echo=self.echo, datasets=data
             )
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if resume else None)
             if trainer.interrupted:
@@ -327,12 +368,15 @@ class Runner:
                 os.replace(tmp, final_dir)
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                        if torch.is_tensor(v) and v.numel() == 1}
-            summary = getattr(datamodule, "summary", None)
+            data_summary = dict(module.data_stats)
+            reader_summary = getattr(datamodule.train_dataset, "summary", None)
+            if callable(reader_summary):
+                data_summary["reader"] = reader_summary()
             manifest.update(
                 name, status=DONE, ended=_now(), global_step=int(trainer.global_step),
                 wall_time_s=round(float(entry.get("wall_time_s", 0.0)) + time.time() - t0, 2),
                 metrics=metrics, student=str(final_dir.relative_to(self.run_dir)),
-                data=summary() if callable(summary) else None,
+                data=data_summary,
             )
         except RecipeError:
             manifest.update(name, status=FAILED, ended=_now(), error="bad recipe value")
@@ -345,6 +389,10 @@ class Runner:
             if isinstance(err, KeyboardInterrupt):
                 raise
             raise RunError(f"stage {name} failed: {message}") from err
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def run_recipe(recipe: Recipe, *, only_stage: str | None = None, restart_from: str | None = None,

@@ -89,16 +89,20 @@ def build_stage(
     stage_dir: Path,
     on_saved: Callable[[Path, int], None],
     echo: Callable[[str], None] = print,
+    datasets: tuple[Any, Any] | None = None,
 ):
-    """Everything a stage needs to run: ``(trainer, module, datamodule)``."""
+    """Everything a stage needs to run: ``(trainer, module, datamodule)``.
+
+    Args:
+        datasets: The stage's ``(train, val)`` datasets when the caller already opened them.
+    """
     from mmkd.data.datamodule import MMKDDataModule
     from mmkd.modules.strategies import build_strategy
 
     stage = recipe.stage(name)
     tr = recipe.stage_trainer(name)
     micro, accumulate = recipe.micro_batch(name)
-    dataset = instantiate(stage["data"])
-    val_dataset = instantiate(stage["val_data"])
+    dataset, val_dataset = datasets or (instantiate(stage["data"]), instantiate(stage["val_data"]))
     collate = build_collate(dataset, stage, student, teacher)
     total_steps = stage_total_steps(recipe, name, len(dataset))
     datamodule = MMKDDataModule(

@@ -128,8 +128,10 @@ class DistillModule(L.LightningModule):
         object.__setattr__(self, "teacher", teacher)  # deliberately not a submodule
         self.weights = dict(objectives)
         objective_args = objective_args or {}
+        self.total_steps = max(1, int(total_steps))
         self.objectives = nn.ModuleDict(
-            {name: build_objective(name, **dict(objective_args.get(name, {}))) for name in self.weights}
+            {name: build_objective(name, total_steps=self.total_steps, **dict(objective_args.get(name, {})))
+             for name in self.weights}
         )
         needs_teacher = [n for n in self.weights if n not in TEACHER_FREE and self.objectives[n].needs_teacher]
         if needs_teacher and teacher is None:
@@ -139,9 +141,9 @@ class DistillModule(L.LightningModule):
                                                 "betas": (0.9, 0.999), "eps": 1e-8})
         self.schedule_cfg = dict(schedule or {"name": "cosine", "warmup_ratio": 0.0, "warmup_steps": None,
                                               "min_lr_ratio": 0.0})
-        self.total_steps = max(1, int(total_steps))
         self.stage = stage
         self._pending_rng: dict[str, Tensor] | None = None
+        self.data_stats: dict[str, int] = {}  # samples / truncated / skipped, summed over this process's batches
         self._freeze_student()
         if teacher is not None:
             _freeze(teacher)
@@ -174,6 +176,7 @@ class DistillModule(L.LightningModule):
 
     # ---- teacher ----------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        self.student.train()  # models load in eval mode; dropout and MoE jitter follow the stage
         if self.teacher is not None:
             self.teacher.to(self.device)
             _freeze(self.teacher)
@@ -205,9 +208,13 @@ class DistillModule(L.LightningModule):
         return terms
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        if _fault("raise", self.stage, self.global_step + 1):
+            raise RuntimeError(f"injected failure at step {self.global_step + 1}")
+        self._count_data(batch)
+        if "input_ids" in batch and batch["input_ids"].shape[0] == 0:
+            return None  # every sample of this batch was dropped (and counted) by the collator
         terms = self.compute_losses(batch)
-        fault = _fault("nan", self.stage, self.global_step + 1)
-        if fault:
+        if _fault("nan", self.stage, self.global_step + 1):
             terms[next(iter(self.weights))] = terms[next(iter(self.weights))] * float("nan")
             terms["loss"] = terms["loss"] * float("nan")
         for name, value in terms.items():
@@ -215,10 +222,24 @@ class DistillModule(L.LightningModule):
                 raise NonFiniteLossError(
                     f"stage {self.stage}: loss term {name!r} is {float(value.detach())} at step {self.global_step + 1}"
                 )
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            self._advance_schedules(terms)
         bs = int(batch["input_ids"].shape[0]) if "input_ids" in batch else None
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, prog_bar=False, batch_size=bs)
         self.log("loss", terms["loss"].detach(), prog_bar=True, logger=False, batch_size=bs)
         return terms["loss"]
+
+    def _count_data(self, batch: Mapping[str, Any]) -> None:
+        for key, value in (batch.get("data_stats") or {}).items():
+            self.data_stats[key] = self.data_stats.get(key, 0) + int(value)
+
+    def _advance_schedules(self, terms: Mapping[str, Tensor]) -> None:
+        """Objectives with a schedule driven by their own loss (TAID) advance once per optimizer step."""
+        for name, objective in self.objectives.items():
+            loss = getattr(objective, "loss", None)
+            if hasattr(loss, "step") and callable(loss.step):
+                loss.step(terms[name].detach())
+                self.log(f"train/{name}_t", float(loss.interpolation), batch_size=1)
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         terms = self.compute_losses(batch)

@@ -158,11 +158,16 @@ class FeatureObjective(Objective):
 
 
 def _token(name: str):
-    def build(**kwargs: Any) -> Objective:
+    def build(total_steps: int | None = None, **kwargs: Any) -> Objective:
+        import inspect
+
         import mmkd.losses as losses
 
+        cls = getattr(losses, name)
         chunk = kwargs.pop("chunk_size", 1024)
-        return TokenDivergence(getattr(losses, name)(**kwargs), chunk_size=chunk)
+        if "total_steps" in inspect.signature(cls).parameters and total_steps is not None:
+            kwargs.setdefault("total_steps", total_steps)  # TAID's linear floor spans the stage
+        return TokenDivergence(cls(**kwargs), chunk_size=chunk)
 
     return build
 
@@ -188,9 +193,17 @@ OBJECTIVES: dict[str, Any] = {
 TEACHER_FREE = {"lm"}
 
 
-def build_objective(name: str, **kwargs: Any) -> Objective:
-    """The adapter for an objective name of a ``distill`` stage."""
+def build_objective(name: str, total_steps: int | None = None, **kwargs: Any) -> Objective:
+    """The adapter for an objective name of a ``distill`` stage.
+
+    Args:
+        name: A key of :data:`OBJECTIVES`.
+        total_steps: Optimizer steps of the stage, for objectives with a schedule (TAID).
+        **kwargs: The objective's ``objective_args``.
+    """
     builder = OBJECTIVES.get(name)
     if builder is None:
         raise ValueError(f"objective {name!r} is not an objective of a distill stage")
-    return builder(**kwargs)
+    if isinstance(builder, type):
+        return builder(**kwargs)
+    return builder(total_steps=total_steps, **kwargs)
