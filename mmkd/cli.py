@@ -12,7 +12,7 @@ from typing import Any
 
 __all__ = ["main"]
 
-USAGE = """usage: mmkd [-h] {fit,eval,export,data} ...
+USAGE = """usage: mmkd [-h] {fit,eval,export,data,demo} ...
 
 Distill large vision-language teachers into small multimodal students.
 
@@ -21,6 +21,7 @@ subcommands:
   eval      Score a student or teacher on a ScienceQA-style benchmark:  mmkd eval MODEL --data sqa:DIR
             Score an answer file from any tool:  mmkd eval score ANSWERS.jsonl --data sqa:DIR
   export    Write a run's student as a plain Hugging Face folder:  mmkd export RUN_DIR --out DIR
+  demo      The offline demo: synthetic world, tiny teacher, tiny LLaVA-KD vs. no distillation, evaluation
   data      Data tools:  mmkd data synth-sqa --out DIR | tokenizer --out DIR | tiny-assets --out DIR
 
 Run 'mmkd SUBCOMMAND --help' for the options of each.
@@ -211,6 +212,13 @@ def _data(argv: list[str]) -> int:
     return 0
 
 
+def _demo(argv: list[str]) -> int:
+    from mmkd.demo import demo_command
+
+    _function_command(demo_command, argv, "mmkd demo")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mmkd`` command; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -224,9 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     commands = {"fit": lambda: _fit(rest, echo=print), "eval": lambda: _eval(rest),
-                "export": lambda: _export(rest), "data": lambda: _data(rest)}
+                "export": lambda: _export(rest), "data": lambda: _data(rest), "demo": lambda: _demo(rest)}
     if command not in commands:
-        return _fail(f"unknown subcommand {command!r} (expected one of fit, eval, export, data)")
+        return _fail(f"unknown subcommand {command!r} (expected one of fit, eval, export, data, demo)")
     try:
         return commands[command]()
     except _user_errors() as err:

@@ -212,7 +212,7 @@ EXECUTION_KEYS = (
 )
 
 _TOP_KEYS = {"seed", "run_dir", "teacher", "student", "trainer", "stages"}
-_PARTS = {"vision_tower", "projector", "language_model", "experts", "router", "visual", "text", "feature_projector"}
+_PARTS = {"vision_tower", "projector", "language_model", "experts", "router", "text_tower", "logit_scale"}
 
 
 @dataclass

@@ -303,6 +303,14 @@ class Runner:
         return getattr(importlib.import_module(module_name), attr)
 
     def build_student(self, name: str):
+        """The stage's starting student: ``init_from``, then ``student_transform``.
+
+        Seeded right here, so fresh parts (a new projector, a new router) get the same initial weights whether
+        the student is built during the pre-flight checks or when its stage starts.
+        """
+        import lightning as L
+
+        L.seed_everything(self.recipe.seed + self.recipe.stage_names.index(name), verbose=False)
         stage = self.recipe.stage(name)
         index = self.recipe.stage_names.index(name)
         init = stage["init_from"] or ("recipe" if index == 0 else self.recipe.stage_names[index - 1])

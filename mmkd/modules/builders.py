@@ -40,6 +40,10 @@ def build_collate(dataset: Any, stage: dict[str, Any], student: nn.Module, teach
     own = getattr(dataset, "collate_fn", None)
     if own is not None:
         return own
+    if stage["kind"] == "clip":
+        from mmkd.data.clip import CLIPCollator
+
+        return CLIPCollator.for_models(student, teacher)
     if stage["kind"] == "preference":
         from mmkd.data import PreferenceCollator
 

@@ -129,11 +129,9 @@ class DistillModule(L.LightningModule):
         self.weights = dict(objectives)
         objective_args = objective_args or {}
         self.total_steps = max(1, int(total_steps))
-        self.objectives = nn.ModuleDict(
-            {name: build_objective(name, total_steps=self.total_steps, **dict(objective_args.get(name, {})))
-             for name in self.weights}
-        )
-        needs_teacher = [n for n in self.weights if n not in TEACHER_FREE and self.objectives[n].needs_teacher]
+        self.objectives = self.build_objectives(objective_args)
+        needs_teacher = [n for n in self.objectives if n not in TEACHER_FREE
+                         and getattr(self.objectives[n], "needs_teacher", True)]
         if needs_teacher and teacher is None:
             raise ValueError(f"stage {stage}: objectives {needs_teacher} need a teacher, but none is configured")
         self.train_parts = list(train_parts or [])
@@ -147,6 +145,17 @@ class DistillModule(L.LightningModule):
         self._freeze_student()
         if teacher is not None:
             _freeze(teacher)
+
+    def build_objectives(self, objective_args: Mapping[str, Mapping[str, Any]]) -> nn.ModuleDict:
+        """One module per objective name (subclasses with other objectives override this)."""
+        return nn.ModuleDict(
+            {name: build_objective(name, total_steps=self.total_steps, **dict(objective_args.get(name, {})))
+             for name in self.weights}
+        )
+
+    def _batch_size(self, batch: Mapping[str, Any]) -> int | None:
+        ids = batch.get("input_ids")
+        return int(ids.shape[0]) if ids is not None else None
 
     # ---- parts and freezing -------------------------------------------------------------------------------------
     def _freeze_student(self) -> None:
@@ -211,7 +220,7 @@ class DistillModule(L.LightningModule):
         if _fault("raise", self.stage, self.global_step + 1):
             raise RuntimeError(f"injected failure at step {self.global_step + 1}")
         self._count_data(batch)
-        if "input_ids" in batch and batch["input_ids"].shape[0] == 0:
+        if self._batch_size(batch) == 0:
             return None  # every sample of this batch was dropped (and counted) by the collator
         terms = self.compute_losses(batch)
         if _fault("nan", self.stage, self.global_step + 1):
@@ -224,7 +233,7 @@ class DistillModule(L.LightningModule):
                 )
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
             self._advance_schedules(terms)
-        bs = int(batch["input_ids"].shape[0]) if "input_ids" in batch else None
+        bs = self._batch_size(batch)
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, prog_bar=False, batch_size=bs)
         self.log("loss", terms["loss"].detach(), prog_bar=True, logger=False, batch_size=bs)
         return terms["loss"]
@@ -243,7 +252,7 @@ class DistillModule(L.LightningModule):
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         terms = self.compute_losses(batch)
-        bs = int(batch["input_ids"].shape[0]) if "input_ids" in batch else None
+        bs = self._batch_size(batch)
         self.log_dict({f"val/{k}": v.detach() for k, v in terms.items()}, sync_dist=True, batch_size=bs)
 
     # ---- optimisation -----------------------------------------------------------------------------------------
