@@ -34,8 +34,7 @@ def default_chunk_size(vocab_size: int) -> int:
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    logits = hidden @ weight.t()
-    return logits if bias is None else logits + bias
+    return hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -224,7 +223,13 @@ def chunked_token_loss(
         side = teacher_side(i)
         if not need_grad:
             return loss.per_token(logits, *side).sum(), None
-        values, grad = loss.per_token_and_grad(logits, *side)
+        if isinstance(loss, TopKKL):
+            values, grad = loss.per_token_and_grad(logits, *side)
+        else:
+            if teacher_hidden is None:  # a slice of the caller's teacher logits: copy it before handing it over
+                side = (side[0].to(torch.float32, copy=True),)
+            # The chunk's logits are ours (and the teacher's copy): let the loss overwrite them.
+            values, grad = loss.per_token_and_grad(logits, *side, owned=True)
         return values.sum(), grad
 
     return fused_head_loss(hidden, head_weight, head_bias, groups, fn, scale)

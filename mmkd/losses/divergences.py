@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from mmkd.losses._common import (
+    LOG_FLOOR,
     check_reduction,
     kl_from_logprobs,
     kl_to_constant,
@@ -63,12 +64,15 @@ class TokenDivergence(nn.Module):
                 "must have the same shape (same tokens, same vocabulary)"
             )
 
-    def per_token_and_grad(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+    def per_token_and_grad(
+        self, student_logits: Tensor, teacher_logits: Tensor, owned: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """Per-token values and the gradient of their sum w.r.t. ``student_logits``, for the chunked path.
 
         Args:
             student_logits: ``(n, V)``.
             teacher_logits: ``(n, V)``.
+            owned: The caller hands both tensors over: they may be overwritten (saves memory).
 
         Returns:
             Detached values ``(n,)`` float32 and the gradient ``(n, V)`` float32.
@@ -133,29 +137,45 @@ class ForwardKL(TokenDivergence):
     def divergence(self, logp: Tensor, teacher_logp: Tensor, logits: Tensor) -> Tensor:
         return kl_to_constant(teacher_logp, logp)
 
-    def per_token_and_grad(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
-        # Closed form d KL(p_T‖softmax(z/T)) / dz = (softmax(z/T) − p_T) / T, computed in place: the chunked
-        # path then holds about four (chunk, V) tensors instead of the dozen autograd would keep.
+    def per_token_and_grad(
+        self, student_logits: Tensor, teacher_logits: Tensor, owned: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        # Closed form d KL(p_T‖softmax(z/T)) / dz = (softmax(z/T) − p_T) / T. With owned=True (the chunked path
+        # passes logits it just computed) everything happens in place in the two logits tensors plus p_T:
+        # three (chunk, V) tensors at the peak instead of the dozen autograd would keep.
         self._check_shapes(student_logits, teacher_logits)
         tau = self.temperature
-        logits = student_logits.detach().float()
-        teacher = teacher_logits.detach().float()
-        if tau != 1.0:
-            logits, teacher = logits / tau, teacher / tau
-        logp = safe_log_softmax(logits)
-        teacher_logp = safe_log_softmax(teacher)
-        del teacher
+        student_inf = bool(student_logits.detach().amin() == float("-inf"))
+        inf_mask = student_logits.detach() == float("-inf") if student_inf else None
+        logp = _own_float(student_logits, owned)
+        teacher_logp = _own_float(teacher_logits, owned)
+        del student_logits, teacher_logits
+        for x in (logp, teacher_logp):
+            if tau != 1.0:
+                x.div_(tau)
+            torch.log_softmax(x, dim=-1, out=x)
+            if bool(x.amin() < LOG_FLOOR):
+                x.clamp_(min=LOG_FLOOR)
         p = teacher_logp.exp()
-        values = rowdot(p, teacher_logp) - rowdot(p, logp)
-        del teacher_logp
+        diff = teacher_logp.sub_(logp)
+        values = rowdot(p, diff)
+        del diff, teacher_logp
         grad = logp.exp_().sub_(p)
         del p
-        if bool(student_logits.detach().amin() == float("-inf")):
-            grad.masked_fill_(student_logits.detach() == float("-inf"), 0.0)  # as autograd through the floor
+        if inf_mask is not None:
+            grad.masked_fill_(inf_mask, 0.0)  # as autograd through the floor: no gradient at -inf logits
         factor = tau if self.scale_by_t2 else 1.0 / tau
         if factor != 1.0:
             grad.mul_(factor)
         return (values * tau**2 if self.scale_by_t2 else values), grad
+
+
+def _own_float(x: Tensor, owned: bool) -> Tensor:
+    """``x`` as a float32 tensor that may be modified in place (a copy unless ``owned`` and already float32)."""
+    x = x.detach()
+    if x.dtype != torch.float32:
+        return x.float()
+    return x if owned else x.clone()
 
 
 class ReverseKL(TokenDivergence):
