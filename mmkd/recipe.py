@@ -176,7 +176,7 @@ class StageConfig:
     max_length: int = 512
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     init_from: str | None = None
-    student_transform: Callable[[nn.Module], nn.Module] | None = None
+    student_transform: Callable[[Any], Any] | None = None
     use_teacher: bool = True
 
 
