@@ -156,12 +156,20 @@ def _function_command(func: Callable[..., Any], argv: list[str], prog: str) -> A
 
     parser = ArgumentParser(prog=prog, description=(func.__doc__ or "").strip().split("\n\n")[0],
                             exit_on_error=False)
-    parser.add_function_arguments(func, as_positional=True)
+    # The first parameter is the command's positional argument (mmkd eval MODEL, mmkd export RUN_DIR); every
+    # other parameter is an option, required or not (--data, --out).
+    import inspect
+
+    first = next(iter(inspect.signature(func).parameters))
+    parser.add_function_arguments(func, as_positional=False)
     if any(a in ("-h", "--help") for a in argv):
         parser.print_help()
         return None
+    args = [_dashes(a) for a in argv]
+    if args and not args[0].startswith("-"):
+        args = [f"--{first}", args[0], *args[1:]]
     try:
-        cfg = parser.parse_args([_dashes(a) for a in argv])
+        cfg = parser.parse_args(args)
     except ArgumentError as err:
         from mmkd.recipe import format_parse_error
 
