@@ -40,7 +40,15 @@ def _now() -> str:
 
 
 def _is_rank_zero() -> bool:
-    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    # Before any process group exists only the launchers' variables tell ranks apart: Lightning's re-executed
+    # ranks (LOCAL_RANK, NODE_RANK), torchrun (RANK), SLURM's srun (SLURM_PROCID). As in Lightning, the first rank
+    # variable present decides (SLURM_PROCID is also set in jobs where SLURM does not launch the ranks).
+    if os.environ.get("NODE_RANK", "0") != "0":
+        return False
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if key in os.environ:
+            return os.environ[key] == "0"
+    return True
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -325,6 +333,10 @@ class Runner:
         return transform(student) if transform is not None else student
 
     def teacher(self):
+        from mmkd.modules.teacher import is_partitioned
+
+        if self._teacher is not None and is_partitioned(self._teacher):
+            self._teacher = None  # a ZeRO-3 stage split it into partitions: load it whole again
         if self._teacher is None and self.recipe.config.get("teacher") is not None:
             self._teacher = instantiate(self.recipe.config["teacher"])
         return self._teacher
@@ -366,14 +378,19 @@ class Runner:
                 raise RunError(f"stage {name}: interrupted at step {trainer.global_step}")
             final_dir = self.student_dir(name)
             if trainer.is_global_zero:
+                from mmkd.modules.checkpoints import final_student
+
                 tmp = final_dir.with_name(".student.tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
-                module.student.save_pretrained(str(tmp))
+                last = entry.get("checkpoint")  # under DeepSpeed, the whole fp32 student comes from it
+                final_student(module, trainer.strategy, last and self.run_dir / last,
+                              lambda: self.build_student(name)).save_pretrained(str(tmp))
                 from mmkd.modules.callbacks import fsync_path
 
                 fsync_path(tmp)
                 shutil.rmtree(final_dir, ignore_errors=True)
                 os.replace(tmp, final_dir)
+            trainer.strategy.barrier("mmkd_student_saved")  # other ranks' next stage reads this folder
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                        if torch.is_tensor(v) and v.numel() == 1}
             data_summary = dict(module.data_stats)

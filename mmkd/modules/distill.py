@@ -187,8 +187,11 @@ class DistillModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.student.train()  # models load in eval mode; dropout and MoE jitter follow the stage
         if self.teacher is not None:
-            self.teacher.to(self.device)
+            from mmkd.modules.teacher import place_teacher
+
             _freeze(self.teacher)
+            # A replica on this device, or ZeRO-3 partitions whose engine (not a submodule) owns the gather hooks.
+            object.__setattr__(self, "_teacher_engine", place_teacher(self.teacher, self.trainer.strategy, self.device))
 
     def train(self, mode: bool = True):
         super().train(mode)
