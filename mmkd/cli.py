@@ -90,20 +90,22 @@ def _split_recipe_path(argv: list[str]) -> tuple[str | None, list[str]]:
         if arg.startswith("--config="):
             return arg.split("=", 1)[1], rest[:i] + rest[i + 1:]
         if not arg.startswith("-"):
-            if i > 0 and rest[i - 1].startswith("--") and "=" not in rest[i - 1] and rest[i - 1] != "--print-config":
+            if i > 0 and rest[i - 1].startswith("--") and "=" not in rest[i - 1] and "print" not in rest[i - 1]:
                 continue  # the value of an option
             return arg, rest[:i] + rest[i + 1:]
     return None, rest
 
 
 def _fit(argv: list[str], echo: Callable[[str], None]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(FIT_HELP)
         return 0
     path, rest = _split_recipe_path(argv)
     if path is None:
-        raise UsageError("fit: expected a recipe file: mmkd fit RECIPE.yaml")
-    rest = [a.replace("--run-dir", "--run_dir", 1) if a.startswith("--run-dir") else a for a in rest]
+        raise UsageError("fit: expected a recipe file: mmkd fit RECIPE.yaml (see mmkd fit --help)")
+    for dashed in ("--run-dir", "--restart-from", "--print-config"):  # documented spelling -> parser's key
+        rest = [a.replace(dashed, dashed.replace("-", "_").replace("__", "--", 1), 1) if a.startswith(dashed) else a
+                for a in rest]
     if any(a in ("-h", "--help") for a in rest):
         from mmkd.recipe import build_parser, read_yaml
 
@@ -113,16 +115,14 @@ def _fit(argv: list[str], echo: Callable[[str], None]) -> int:
 
     def fit_options(parser: Any) -> None:
         parser.add_argument("--stage", type=str | None, default=None, help="Run only this stage.")
-        parser.add_argument("--restart-from", type=str | None, default=None, help="Rerun from this stage.")
-        parser.add_argument("--print-config", type=bool, default=False, nargs="?", const=True,
-                            help="Print the resolved recipe and exit.")
+        parser.add_argument("--restart_from", type=str | None, default=None, help="Rerun from this stage.")
 
     from mmkd.recipe import load_recipe
 
-    recipe = load_recipe(path, rest, extra_arguments=fit_options)
-    if recipe.options.get("print_config"):
-        print(recipe.dump(), end="")
-        return 0
+    try:
+        recipe = load_recipe(path, rest, extra_arguments=fit_options)
+    except SystemExit as done:  # jsonargparse's --print_config prints the resolved recipe and exits
+        return int(done.code or 0)
     from mmkd.runner import RunError, Runner, summary_rows
 
     runner = Runner(recipe, only_stage=recipe.options.get("stage"),

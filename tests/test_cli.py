@@ -1,0 +1,114 @@
+"""The mmkd command: help texts, one-line errors with exit code 2, and eval/export through the command."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmkd.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_top_level_help_lists_subcommands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for sub in ("fit", "eval", "export", "data", "demo"):
+        assert f"\n  {sub} " in out
+
+
+def test_fit_help_lists_options(capsys):
+    assert main(["fit", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--run-dir", "--stage", "--restart-from", "--print-config", "--stages.sft.optimizer.lr"):
+        assert option in out
+
+
+def test_fit_help_with_a_recipe_lists_its_keys(capsys):
+    assert main(["fit", str(ROOT / "recipes" / "debug.yaml"), "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--stages.distill.optimizer.lr" in out and "--stages.sft.objectives" in out
+
+
+def test_eval_and_export_help(capsys):
+    assert main(["eval", "--help"]) == 0
+    assert "--max_new_tokens" in capsys.readouterr().out
+    assert main(["export", "--help"]) == 0
+    assert "--out" in capsys.readouterr().out
+
+
+def test_print_config_resolves_shared_values(capsys):
+    assert main(["fit", str(ROOT / "recipes" / "debug.yaml"), "--data_root", "/x", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["stages"]["sft"]["data"]["init_args"]["root"] == "/x/sqa"
+    assert printed["teacher"]["init_args"]["path"] == "/x/models/teacher"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["fit"], "fit: expected a recipe file"),
+        (["fit", "missing.yaml"], "missing.yaml: recipe file not found"),
+        (["fit", "recipes/debug.yaml", "--stages.sft.optimizer.lr", "fast"],
+         "stages.sft.optimizer.lr: expected a float, got 'fast'"),
+        (["fit", "recipes/debug.yaml", "--stage", "nope"], "--stage: no stage 'nope' in the recipe"),
+        (["nonsense"], "unknown subcommand 'nonsense'"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    run = tmp_path / "run"
+    code = main([*args, "--run-dir", str(run)] if args[0] == "fit" and len(args) > 1 else args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("mmkd: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not run.exists()
+
+
+def test_missing_data_and_models_fail_before_any_stage(tiny_assets, tmp_path, capsys):
+    run = tmp_path / "run"
+    recipe = str(ROOT / "recipes" / "debug.yaml")
+    # a data file that does not exist
+    code = main(["fit", recipe, "--run-dir", str(run), "--data_root", tiny_assets["root"],
+                 "--stages.sft.data.init_args.root", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("mmkd: error: stages.sft.data: ") and err.count("\n") == 1, err
+    assert not run.exists()
+    # a teacher folder without weights
+    empty = tmp_path / "teacher"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    code = main(["fit", recipe, "--run-dir", str(run), "--data_root", tiny_assets["root"],
+                 "--teacher.init_args.path", str(empty)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("mmkd: error: teacher: ") and "weights" in err and err.count("\n") == 1
+    assert not run.exists()
+
+
+def test_stage_flag_needs_earlier_stages(tiny_assets, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["fit", str(ROOT / "recipes" / "debug.yaml"), "--run-dir", str(run), "--data_root",
+                 tiny_assets["root"], "--stage", "sft"])
+    assert code == 2
+    assert "--stage sft: earlier stage 'distill' is pending, not done" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_fit_eval_export_through_the_command(tiny_assets, tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "student"
+    common = ["--run-dir", str(run), "--data_root", tiny_assets["root"], "--trainer.max_steps", "2",
+              "--trainer.enable_progress_bar", "false"]
+    assert main(["fit", str(ROOT / "recipes" / "debug.yaml"), *common]) == 0
+    assert "mmkd fit" in capsys.readouterr().out  # the summary table
+    assert main(["eval", str(run), "--data", f"sqa:{tiny_assets['sqa']}", "--split", "test", "--limit", "8",
+                 "--mode", "likelihood", "--batch-size", "4"]) == 0
+    metrics = json.loads((run / "eval" / "sft" / "test-likelihood" / "metrics.json").read_text())
+    assert metrics["count"] == 8 and metrics["mode"] == "likelihood"
+    lines = (run / "eval" / "sft" / "test-likelihood" / "answers.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and {"question_id", "prompt", "text"} <= set(json.loads(lines[0]))
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert "test-likelihood" in card or "accuracy" in card.lower()
+    assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
