@@ -145,6 +145,11 @@ class DistillModule(L.LightningModule):
         self._freeze_student()
         if teacher is not None:
             _freeze(teacher)
+            if hasattr(teacher, "tokenizer") and hasattr(student, "tokenizer"):
+                from mmkd.models.vocab import align_vocab
+
+                # Same tokenizer, differently padded heads (151,936 vs 152,064 rows): logits over len(tokenizer).
+                align_vocab(teacher, student)
 
     def build_objectives(self, objective_args: Mapping[str, Mapping[str, Any]]) -> nn.ModuleDict:
         """One module per objective name (subclasses with other objectives override this)."""
