@@ -42,7 +42,10 @@ class CLIPDistillModule(DistillModule):
             t = self.teacher(batch.get("teacher_images", batch["images"]), batch.get("teacher_text", batch["text"]))
         loss, terms = self.objectives["clip_kd"](out.image_embeds, out.text_embeds, out.logit_scale,
                                                  t.image_embeds, t.text_embeds, t.logit_scale)
-        return {"clip_kd": loss, **{f"clip_{k}": v for k, v in terms.items()}, "loss": self.weights["clip_kd"] * loss}
+        # clip_kd is the weighted objective; its unweighted parts are logged beside it under their own names
+        parts = {"clip_similarity": terms["kd"], "clip_embedding": terms["embedding"],
+                 "clip_contrastive": terms["contrastive"]}
+        return {"clip_kd": loss, **parts, "loss": self.weights["clip_kd"] * loss}
 
 
 def _embed_dim(model: nn.Module) -> int:

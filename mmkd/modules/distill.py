@@ -145,7 +145,9 @@ class DistillModule(L.LightningModule):
         self._freeze_student()
         if teacher is not None:
             _freeze(teacher)
-            if hasattr(teacher, "tokenizer") and hasattr(student, "tokenizer"):
+            from mmkd.models.mllm import ImageTextModel
+
+            if isinstance(teacher, ImageTextModel) and isinstance(student, ImageTextModel):
                 from mmkd.models.vocab import align_vocab
 
                 # Same tokenizer, differently padded heads (151,936 vs 152,064 rows): logits over len(tokenizer).

@@ -63,9 +63,9 @@ class PreferenceDistillModule(DistillModule):
             raise ValueError(f"a preference stage takes objectives dpo (and optionally lm), got {sorted(objectives)}")
         if self.reference_kind == "teacher" and teacher is None:
             raise ValueError("objective_args.dpo.reference=teacher needs a teacher; set one or use initial_student")
-        super().__init__(student, teacher if self.reference_kind == "teacher" else None, objectives, **kwargs)
-        if self.reference_kind == "initial_student":
-            object.__setattr__(self, "teacher", _freeze_copy(student))
+        # The reference sits where the teacher sits: a frozen plain attribute, out of the optimizer and checkpoints.
+        reference = teacher if self.reference_kind == "teacher" else _freeze_copy(student)
+        super().__init__(student, reference, objectives, **kwargs)
 
     def build_objectives(self, objective_args: Mapping[str, Mapping[str, Any]]) -> nn.ModuleDict:
         from mmkd.losses import DPODistill
@@ -74,21 +74,28 @@ class PreferenceDistillModule(DistillModule):
 
     @property
     def reference(self) -> nn.Module:
+        """The frozen reference model (the teacher, or a copy of the stage's starting student)."""
         return self.teacher
 
+    @torch.no_grad()
+    def reference_logprobs(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The reference model's answer log-probs per side (its own inputs when the batch carries them)."""
+        out = {}
+        for side in ("chosen", "rejected"):
+            prefix = f"teacher_{side}_" if f"teacher_{side}_input_ids" in batch else f"{side}_"
+            labels = batch.get(f"teacher_{side}_labels", batch[f"{side}_labels"])
+            out[side] = answer_logprobs(self.reference(**_split_inputs(batch, prefix)), labels, self.average)
+        return out
+
     def compute_losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        policy, reference = {}, {}
+        policy = {}
         chosen_out = None
         for side in ("chosen", "rejected"):
             out = self.student(**_split_inputs(batch, f"{side}_"))
             policy[side] = answer_logprobs(out, batch[f"{side}_labels"], self.average)
             if side == "chosen":
                 chosen_out = out
-            ref_prefix = f"teacher_{side}_" if f"teacher_{side}_input_ids" in batch else f"{side}_"
-            ref_labels = batch.get(f"teacher_{side}_labels", batch[f"{side}_labels"])
-            with torch.no_grad():
-                ref_out = self.reference(**_split_inputs(batch, ref_prefix))
-                reference[side] = answer_logprobs(ref_out, ref_labels, self.average)
+        reference = self.reference_logprobs(batch)
         loss, metrics = self.objectives["dpo"](policy["chosen"], policy["rejected"], reference["chosen"],
                                                reference["rejected"])
         terms: dict[str, Tensor] = {"dpo": loss, **{f"dpo_{k}": v for k, v in metrics.items()}}

@@ -1,0 +1,36 @@
+"""CLIPDistillModule: the teacher's similarities reach the student; the teacher gets no gradient."""
+
+import copy
+
+import torch
+
+from mmkd.modules.clip import CLIPDistillModule
+
+
+def test_clip_distillation_step(tmp_path):
+    from mmkd.data import CaptionPairs
+    from mmkd.data.clip import CLIPCollator
+    from mmkd.data.synth import synth_sqa
+    from mmkd.models import CLIPModel
+    from mmkd.models.presets import build_tiny
+
+    synth_sqa(tmp_path / "sqa", 40, 0, tokenizer=False)
+    teacher = CLIPModel(str(build_tiny("clip-teacher", str(tmp_path / "t"), tokenizer="", seed=0)))
+    student = CLIPModel(str(build_tiny("clip-student", str(tmp_path / "s"), tokenizer="", seed=1)))
+    data = CaptionPairs(tmp_path / "sqa" / "captions.json", tmp_path / "sqa" / "images")
+    batch = CLIPCollator.for_models(student, teacher)([data[i] for i in range(6)])
+    assert batch["images"].shape[0] == 6 and batch["text"].shape[0] == 6
+    module = CLIPDistillModule(student, teacher, {"clip_kd": 1.0},
+                               objective_args={"clip_kd": {"kd_weight": 1.0, "embedding_weight": 1.0}},
+                               train_parts=["vision_tower", "text_tower", "logit_scale"])
+    terms = module.compute_losses(batch)
+    assert terms["clip_kd"] > 0 and set(terms) >= {"clip_kd", "clip_similarity", "clip_contrastive", "clip_embedding", "loss"}
+    terms["loss"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parts()["vision_tower"])
+    # a student identical to its teacher has nothing left to learn from the similarity term
+    same = CLIPDistillModule(copy.deepcopy(teacher), teacher, {"clip_kd": 1.0},
+                             objective_args={"clip_kd": {"kd_weight": 1.0, "contrastive_weight": 0.0}},
+                             train_parts=["vision_tower"])
+    terms = same.compute_losses(batch)
+    assert float(terms["clip_similarity"]) < 1e-6 and float(terms["clip_kd"]) < 1e-6

@@ -1,0 +1,95 @@
+"""DistillModule: frozen teacher, trainable parts, optimizer groups, schedule, checkpoints without the teacher."""
+
+import copy
+import math
+import random
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from mmkd.modules.distill import DistillModule, build_optimizer, rng_state, set_rng_state, warmup_schedule
+
+
+def _loader(batch, n):
+    return torch.utils.data.DataLoader([batch] * n, batch_size=None)
+
+
+def test_teacher_frozen_through_training_and_validation(models, sqa_batch, tmp_path):
+    teacher, student = (copy.deepcopy(m) for m in models)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    module = DistillModule(student, teacher, {"lm": 1.0, "kl": 1.0, "mdist": 0.5},
+                           train_parts=["projector", "language_model"], total_steps=3)
+    assert not any(name.startswith("teacher") for name, _ in module.named_parameters())
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, val_check_interval=2,
+                        limit_val_batches=1, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(module, _loader(sqa_batch, 3), _loader(sqa_batch, 1))
+    assert trainer.global_step == 3
+    assert not teacher.training and all(not m.training for m in teacher.modules())
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    # student: the trained parts moved, the frozen vision tower did not
+    parts = student.parts()
+    assert all(p.requires_grad for p in parts["projector"]) and not any(p.requires_grad for p in parts["vision_tower"])
+    assert "val/loss" in trainer.callback_metrics and "train/kl" in trainer.callback_metrics
+    # the checkpoint holds the student and the objectives' state, never a teacher tensor
+    path = tmp_path / "x.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=True)
+    keys = set(state["state_dict"])
+    assert not any("teacher" in k for k in keys)
+    assert {f"student.{k}" for k in student.state_dict()} <= keys
+    assert "mmkd_rng" in state
+
+
+def test_trainable_parts_and_parameter_groups(models):
+    teacher, student = (copy.deepcopy(m) for m in models)
+    module = DistillModule(student, teacher, {"lm": 1.0}, train_parts=["projector"],
+                           optimizer={"name": "adamw", "lr": 1e-4, "weight_decay": 0.1, "betas": (0.9, 0.99),
+                                      "eps": 1e-8, "part_lr": {"projector": 1e-3}})
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    names = {g["name"]: g for g in groups}
+    assert set(names) == {"projector", "projector.no_decay"}
+    assert names["projector"]["lr"] == 1e-3 and names["projector"]["weight_decay"] == 0.1
+    assert names["projector.no_decay"]["weight_decay"] == 0.0
+    assert all(p.ndim == 1 for p in names["projector.no_decay"]["params"])  # biases
+    trainable = {id(p) for g in groups for p in g["params"]}
+    assert trainable == {id(p) for p in student.parts()["projector"]}
+    with pytest.raises(ValueError, match="no part 'experts'"):
+        DistillModule(copy.deepcopy(student), None, {"lm": 1.0}, train_parts=["experts"])
+    with pytest.raises(ValueError, match="need a teacher"):
+        DistillModule(copy.deepcopy(student), None, {"kl": 1.0}, train_parts=["projector"])
+
+
+def test_build_optimizer_excludes_norms_from_decay():
+    layer, norm = torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)
+    groups = {"language_model": [("layer.weight", layer.weight), ("layer.bias", layer.bias),
+                                 ("norm.weight", norm.weight)]}
+    opt = build_optimizer(groups, {"name": "adamw", "lr": 0.1, "weight_decay": 0.5, "betas": (0.9, 0.9),
+                                   "eps": 1e-8})
+    decay, no_decay = opt.param_groups
+    assert decay["params"] == [layer.weight] and decay["weight_decay"] == 0.5
+    assert no_decay["params"] == [layer.bias, norm.weight] and no_decay["weight_decay"] == 0.0
+
+
+def test_warmup_cosine_schedule_values():
+    f = warmup_schedule(total_steps=10, warmup_steps=2, name="cosine", min_lr_ratio=0.1)
+    assert f(0) == pytest.approx(0.5) and f(1) == pytest.approx(1.0)
+    assert f(2) == pytest.approx(1.0)
+    assert f(6) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(10) == pytest.approx(0.1)
+    lin = warmup_schedule(10, 0, "linear", 0.0)
+    assert lin(5) == pytest.approx(0.5)
+    assert warmup_schedule(10, 0, "constant", 0.0)(7) == 1.0
+
+
+def test_rng_state_round_trip_through_tensors():
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    state = rng_state()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())  # loadable with weights_only=True
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]

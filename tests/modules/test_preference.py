@@ -1,0 +1,56 @@
+"""PreferenceDistillModule: DPO with the teacher as reference; reference log-probs carry no gradient."""
+
+import copy
+
+import torch
+
+from mmkd.losses import sequence_logprobs
+from mmkd.modules.preference import PreferenceDistillModule, answer_logprobs
+
+
+def _preference_batch(tiny_assets, student, teacher):
+    from mmkd.data import PreferenceCollator, PreferencePairs
+
+    data = PreferencePairs(f"{tiny_assets['sqa']}/preference.json", f"{tiny_assets['sqa']}/images")
+    return PreferenceCollator.for_models(student, teacher, max_length=192)([data[i] for i in range(4)])
+
+
+def test_answer_logprobs_equals_full_logit_computation(models, sqa_batch):
+    _, student = models
+    with torch.no_grad():
+        out = student(sqa_batch["input_ids"], sqa_batch["attention_mask"], sqa_batch.get("pixel_values"))
+        expected = sequence_logprobs(out.logits(), sqa_batch["labels"])
+        got = answer_logprobs(out, sqa_batch["labels"])
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert (got < 0).all()
+
+
+def test_reference_is_teacher_and_never_requires_grad(tiny_assets, models):
+    teacher, student = (copy.deepcopy(m) for m in models)
+    batch = _preference_batch(tiny_assets, student, teacher)
+    module = PreferenceDistillModule(student, teacher, {"dpo": 1.0, "lm": 0.1},
+                                     objective_args={"dpo": {"beta": 0.1}}, train_parts=["language_model"])
+    assert module.reference is teacher
+    ref = module.reference_logprobs(batch)
+    assert not ref["chosen"].requires_grad and not ref["rejected"].requires_grad
+    terms = module.compute_losses(batch)
+    assert terms["loss"].requires_grad
+    # at the start the policy differs from the teacher, so rewards are not zero; the margin is their difference
+    assert torch.isclose(terms["dpo_margin"], terms["dpo_chosen_reward"] - terms["dpo_rejected_reward"])
+    terms["loss"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None for p in student.parts()["language_model"])
+
+
+def test_initial_student_reference_gives_zero_rewards_at_start(tiny_assets, models):
+    teacher, student = (copy.deepcopy(m) for m in models)
+    batch = _preference_batch(tiny_assets, student, teacher)
+    module = PreferenceDistillModule(student, None, {"dpo": 1.0},
+                                     objective_args={"dpo": {"beta": 0.1, "reference": "initial_student"}},
+                                     train_parts=["language_model"])
+    assert module.reference is not student and not any(p.requires_grad for p in module.reference.parameters())
+    terms = module.compute_losses(batch)
+    # policy == reference: DPO's implicit rewards are 0 and the loss is log 2
+    assert abs(float(terms["dpo_chosen_reward"])) < 1e-5 and abs(float(terms["dpo_rejected_reward"])) < 1e-5
+    assert torch.isclose(terms["dpo"], torch.log(torch.tensor(2.0)), atol=1e-5)
+    assert not any(k.startswith("teacher") or k.startswith("reference") for k in module.state_dict())
