@@ -139,6 +139,27 @@ TRAINER_DEFAULTS = TrainerConfig(
 
 
 @dataclass
+class SQAEvalConfig:
+    """ScienceQA-style evaluation of the student at the end of a stage (as ``mmkd eval`` scores it).
+
+    Args:
+        root: ScienceQA-layout folder.
+        split: Split to score (keep ``test`` for reports; ``val`` while tuning).
+        mode: ``likelihood`` or ``generate``.
+        limit: Score only the first N questions.
+        batch_size: Questions per batch.
+        every_n_steps: Also score every N optimizer steps (0: only at the end).
+    """
+
+    root: str
+    split: str = "val"
+    mode: Literal["likelihood", "generate"] = "likelihood"
+    limit: int | None = None
+    batch_size: int = 16
+    every_n_steps: int = 0
+
+
+@dataclass
 class StageConfig:
     """One stage of a recipe.
 
@@ -161,6 +182,7 @@ class StageConfig:
             the recipe's ``student``). Default: the previous stage's result (``recipe`` for the first stage).
         student_transform: Applied to the student after ``init_from``, e.g. ``mmkd.models.UpcycleToMoE``.
         use_teacher: Whether the stage needs the teacher (a plain fine-tuning stage does not).
+        sqa_eval: Score the student on a ScienceQA-layout split when the stage ends (metrics in the manifest).
     """
 
     data: torch.utils.data.Dataset
@@ -178,6 +200,7 @@ class StageConfig:
     init_from: str | None = None
     student_transform: Callable[[Any], Any] | None = None
     use_teacher: bool = True
+    sqa_eval: SQAEvalConfig | None = None
 
 
 # Keys that change how a run executes, not what it computes: they may differ on resume.

@@ -430,7 +430,10 @@ def summary_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per stage for the end-of-run table."""
     rows = []
     for name, entry in manifest["stages"].items():
-        losses = {k.split("/", 1)[1]: v for k, v in (entry.get("metrics") or {}).items() if k.startswith("train/")}
+        metrics = entry.get("metrics") or {}
+        losses = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("train/")}
+        if "sqa/accuracy" in metrics:
+            losses["sqa_accuracy"] = metrics["sqa/accuracy"]
         rows.append({"stage": name, "status": entry.get("status"), "steps": entry.get("global_step"),
                      "wall_time_s": entry.get("wall_time_s"), "losses": losses, "student": entry.get("student")})
     return rows

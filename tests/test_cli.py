@@ -112,3 +112,15 @@ def test_fit_eval_export_through_the_command(tiny_assets, tmp_path, capsys):
     card = (out / "README.md").read_text()
     assert "test-likelihood" in card or "accuracy" in card.lower()
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
+
+
+def test_stage_evaluation_lands_in_manifest_and_eval_folder(tiny_assets, tmp_path):
+    run = tmp_path / "run"
+    code = main(["fit", str(ROOT / "recipes" / "debug.yaml"), "--run-dir", str(run), "--data_root",
+                 tiny_assets["root"], "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false",
+                 "--stages.sft.sqa_eval", json.dumps({"root": tiny_assets["sqa"], "split": "test", "limit": 10})])
+    assert code == 0
+    metrics = json.loads((run / "eval" / "sft" / "test-likelihood" / "metrics.json").read_text())
+    assert metrics["count"] == 10 and metrics["mode"] == "likelihood"
+    stage_metrics = json.loads((run / "manifest.json").read_text())["stages"]["sft"]["metrics"]
+    assert stage_metrics["sqa/accuracy"] == pytest.approx(metrics["accuracy"])

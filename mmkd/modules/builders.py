@@ -117,6 +117,10 @@ def build_stage(
     checkpoint = StepCheckpoint(stage_dir / "checkpoints", int(tr.checkpoint_every_n_steps or 50),
                                 int(tr.keep_checkpoints or 2), on_saved, name)
     callbacks: list[L.Callback] = [checkpoint]
+    if stage.get("sqa_eval"):
+        from mmkd.modules.evaluation import ScienceQAEval
+
+        callbacks.append(ScienceQAEval(out_dir=stage_dir.parent.parent / "eval" / name, **stage["sqa_eval"]))
     if tr.enable_progress_bar:
         from lightning.pytorch.callbacks import RichProgressBar
 
