@@ -23,7 +23,7 @@ TINY = {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 64
 def demo(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("demo")
     results = demo_command(out=str(out), seed=3, n=60, labelled=8, transfer=20, teacher_steps=2, dpt_steps=1,
-                           sft_steps=1, dft_steps=2, batch=4, eval_batch_size=32, teacher_sizes=TINY,
+                           sft_steps=1, dft_steps=2, batch=4, eval_batch_size=32, teacher_sizes={**TINY, "hidden": 48},
                            student_sizes=TINY)
     return out, results
 
