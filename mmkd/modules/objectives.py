@@ -123,16 +123,25 @@ class MDistObjective(Objective):
 
 
 class RDistObjective(Objective):
-    """LLaVA-KD's RDist: relation (self-similarity) distillation between visual tokens."""
+    """LLaVA-KD's RDist: relation (self-similarity) distillation between visual tokens.
 
-    def __init__(self, **kwargs: Any):
+    Args:
+        on: ``logits`` (LLaVA-KD: relations of the visual tokens' output distributions, computed in hidden
+            space) or ``hidden`` (relations of the final hidden states).
+        **kwargs: Arguments of :class:`mmkd.losses.RDist`.
+    """
+
+    def __init__(self, on: str = "logits", **kwargs: Any):
         super().__init__()
         from mmkd.losses import RDist
 
+        if on not in ("logits", "hidden"):
+            raise ValueError(f"objective_args.rdist.on={on!r}: expected 'logits' or 'hidden'")
+        self.on = on
         self.loss = RDist(**kwargs)
 
     def forward(self, student, teacher, batch):
-        return self.loss.from_outputs(student, teacher)
+        return self.loss.from_outputs(student, teacher, on=self.on)
 
 
 class FeatureObjective(Objective):
