@@ -155,10 +155,15 @@ class DistillModule(L.LightningModule):
 
     def build_objectives(self, objective_args: Mapping[str, Mapping[str, Any]]) -> nn.ModuleDict:
         """One module per objective name (subclasses with other objectives override this)."""
-        return nn.ModuleDict(
-            {name: build_objective(name, total_steps=self.total_steps, **dict(objective_args.get(name, {})))
-             for name in self.weights}
-        )
+        built = {}
+        for name in self.weights:
+            args = dict(objective_args.get(name, {}))
+            if name == "feature" and self.teacher is not None:
+                # Widths are known now, so the projector exists before configure_optimizers collects parameters.
+                args.setdefault("student_dim", _hidden_size(self.student))
+                args.setdefault("teacher_dim", _hidden_size(self.teacher))
+            built[name] = build_objective(name, total_steps=self.total_steps, **args)
+        return nn.ModuleDict(built)
 
     def _batch_size(self, batch: Mapping[str, Any]) -> int | None:
         ids = batch.get("input_ids")
@@ -291,6 +296,16 @@ class DistillModule(L.LightningModule):
         if self._pending_rng is not None:
             set_rng_state(self._pending_rng)
             self._pending_rng = None
+
+
+def _hidden_size(model: nn.Module) -> int:
+    """Width of a model's final hidden states (its language model's ``hidden_size``)."""
+    config = getattr(getattr(model, "hf", None), "config", None)
+    config = getattr(config, "text_config", config)
+    size = getattr(config, "hidden_size", None)
+    if size is None:
+        raise ValueError(f"cannot tell the hidden size of {type(model).__name__}; set objective_args.feature dims")
+    return int(size)
 
 
 def _freeze(model: nn.Module) -> None:

@@ -93,3 +93,17 @@ def test_rng_state_round_trip_through_tensors():
     set_rng_state(state)
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_feature_projector_is_trained_and_checkpointed(models, sqa_batch):
+    teacher, student = (copy.deepcopy(m) for m in models)
+    module = DistillModule(student, teacher, {"feature": 1.0}, train_parts=["language_model"])
+    projector = [p for n, p in module.objectives.named_parameters()]
+    assert projector and all(p.requires_grad for p in projector)  # teacher width 128 -> student width 64
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    in_optimizer = {id(p) for g in groups for p in g["params"]}
+    assert all(id(p) in in_optimizer for p in projector)
+    assert any(k.startswith("objectives.feature") for k in module.state_dict())
+    loss = module.compute_losses(sqa_batch)["feature"]
+    loss.backward()
+    assert all(p.grad is not None for p in projector)
