@@ -216,7 +216,11 @@ def _data(argv: list[str]) -> int:
         return 0
     if argv[0] not in table:
         raise UsageError(f"data: unknown subcommand {argv[0]!r} (expected one of {', '.join(table)})")
-    _function_command(table[argv[0]], argv[1:], f"mmkd data {argv[0]}")
+    result = _function_command(table[argv[0]], argv[1:], f"mmkd data {argv[0]}")
+    if isinstance(result, dict) and argv[0] != "tiny-assets":  # tiny-assets prints its own listing
+        import json
+
+        print(json.dumps(result, indent=2, default=str))
     return 0
 
 
