@@ -48,9 +48,6 @@ _DEEPSPEED = {
     "deepspeed_stage_3_offload": dict(stage=3, offload_optimizer=True, offload_parameters=True),
 }
 
-# Student parts whose parameters may get no gradient in a step (unrouted experts): DDP must look for them.
-_SPARSE_PARTS = {"experts", "router"}
-
 
 class MMKDDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeed strategy, also on the CPU, with checkpoints that leave frozen parameters out.
@@ -79,6 +76,13 @@ class MMKDDeepSpeedStrategy(DeepSpeedStrategy):
             except (OSError, json.JSONDecodeError) as err:
                 raise ValueError(f"{CONFIG_ENV}={extra}: expected a readable JSON file ({err})") from None
             _merge(self.config, overrides)
+
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Lightning already divides the loss by accumulate_grad_batches; DeepSpeed's engine.backward would divide
+        # it by gradient_accumulation_steps again, leaving gradients 1/k too small (gradient clipping then bites
+        # k times later than under DDP).
+        kwargs.setdefault("scale_wrt_gas", False)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def _initialize_deepspeed_train(self, model: nn.Module) -> None:
         super()._initialize_deepspeed_train(model)
@@ -211,6 +215,12 @@ def is_zero3(strategy: Any) -> bool:
     return zero.get("stage") == 3
 
 
+def _has_experts(student: nn.Module | None) -> bool:
+    if student is None:
+        return True  # unknown: assume the worst
+    return any("experts" in name for name, _ in student.named_modules())
+
+
 def _transformer_blocks(student: nn.Module | None) -> set[type[nn.Module]] | None:
     """The student's repeated block classes (Hugging Face ``_no_split_modules``), FSDP's wrapping units."""
     if student is None:
@@ -241,9 +251,12 @@ def build_strategy(
     """
     train_parts = set(recipe.stage(stage)["train"]) if recipe is not None and stage is not None else set()
     if name == "ddp":
-        # Frozen parts are skipped by DDP and the teacher is no submodule, so every wrapped parameter gets a
-        # gradient each step, except unrouted MoE experts.
-        return DDPStrategy(find_unused_parameters=bool(train_parts & _SPARSE_PARTS))
+        # DDP wraps only trainable parameters (the teacher is no submodule). Some of them can get no gradient on
+        # one rank in one step: the projector (and a trained vision tower) when that rank's micro-batch is
+        # text-only, unrouted MoE experts. DDP must then look for them, or the ranks' all-reduces stop matching
+        # and the run hangs. Only a dense language model trained alone is used by every batch.
+        dense_lm_only = train_parts <= {"language_model"} and not _has_experts(student)
+        return DDPStrategy(find_unused_parameters=not dense_lm_only)
     if name in _DEEPSPEED:
         kwargs: dict[str, Any] = dict(_DEEPSPEED[name])
         if recipe is not None and stage is not None:
