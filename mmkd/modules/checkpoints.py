@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["final_student", "load_student_state"]
+__all__ = ["final_student", "load_stage_checkpoint", "load_student_state"]
 
 
 def load_student_state(path: str | Path) -> dict[str, Tensor]:
@@ -69,4 +69,28 @@ def final_student(
     frozen = {n for n, p in module.student.named_parameters() if not p.requires_grad}
     student = rebuild()
     load_without_frozen(student, load_student_state(checkpoint), source=str(checkpoint), frozen=frozen)
+    return student
+
+
+def load_stage_checkpoint(student: nn.Module, path: str | Path, train_parts: list[str]) -> nn.Module:
+    """Load a stage checkpoint into a freshly built student of that stage (``Runner.build_student``).
+
+    The frozen parts (every part not in ``train_parts``) may be missing from the checkpoint, as DeepSpeed
+    checkpoints leave them out; they keep the values the student was built with (the stage's ``init_from``).
+    Any other missing or unexpected key is an error.
+
+    Args:
+        student: The stage's starting student.
+        path: A step checkpoint, Lightning file or DeepSpeed folder.
+        train_parts: The stage's ``train`` list.
+
+    Returns:
+        ``student``, loaded.
+    """
+    from mmkd.modules.strategies import load_without_frozen
+
+    parts = student.parts()
+    trained = {id(p) for part in train_parts for p in parts.get(part, [])}
+    frozen = {n for n, p in student.named_parameters() if id(p) not in trained}
+    load_without_frozen(student, load_student_state(path), source=str(path), frozen=frozen)
     return student

@@ -131,8 +131,10 @@ def test_two_processes_match_one(name, request, single_run, initial_loss, tiny_a
     if not _data_is_sharded_by_rank():
         pytest.xfail("mmkd/data/datamodule.py: MMKDDataModule._replicas reads self._trainer (Lightning sets "
                      "self.trainer), so every rank trains on the same samples")
+    # Same samples, same objective: equal up to float summation order (measured with ranks sharded: <= 5e-7; Adam
+    # moves a weight by up to 3e-3 in 3 steps, and a difference in loss scaling or data would show at that size).
     worst = max(float((ours[k].float() - ref[k].float()).abs().max()) for k in ref)
-    assert worst < 2e-4, f"{name}: max |w - w_single| = {worst}"  # Adam moves a weight <= 3e-3 in 3 steps
+    assert worst < 2e-5, f"{name}: max |w - w_single| = {worst}"
 
 
 def test_ddp_and_zero_agree(ddp_run, zero2_run, zero3_run):
