@@ -8,7 +8,9 @@ from mmkd.data.synth import synth_sqa
 from mmkd.data.tokenizer import build_tokenizer
 
 
-def synth_sqa_command(out: str, n: int = 2000, seed: int = 0, image_size: int = 32) -> dict[str, Any]:
+def synth_sqa_command(
+    out: str, n: int = 2000, seed: int = 0, image_size: int = 32, fixed_options: bool = False
+) -> dict[str, Any]:
     """Write a synthetic ScienceQA-style world, deterministic in the seed.
 
     Writes problems.json, pid_splits.json and images/<split>/<pid>/image.png (ScienceQA's layout), captions.json
@@ -20,11 +22,13 @@ def synth_sqa_command(out: str, n: int = 2000, seed: int = 0, image_size: int = 
         n: Number of problems (60% train, 20% val, 20% test).
         seed: Seed of the world; the same seed writes identical files.
         image_size: Side of the square images in pixels.
+        fixed_options: Every question of a family shows the same options in the same order, so an answer letter
+            is a fixed function of the content (the world of `mmkd demo`; see docs/data.md).
 
     Returns:
         A summary with counts per split.
     """
-    return synth_sqa(out, n, seed, image_size)
+    return synth_sqa(out, n, seed, image_size, fixed_options=fixed_options)
 
 
 def tokenizer_command(out: str, vocab_size: int = 2048) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -342,6 +342,191 @@ def _reading_hint(rng: random.Random) -> Item:
     )  # fmt: skip
 
 
+# -- fixed-option variants (``fixed_options=True``) ---------------------------------------------------------------
+# Each family always shows the same option list in the same order, so an answer letter is a fixed function of the
+# content (a colour, a count, an animal's class): a model has to learn the content, not a per-question lookup of
+# which option line holds it. Image answers are still drawn independently of the question text.
+
+FIXED_COLOURS = ["red", "green", "blue", "yellow", "purple"]  # colour family: 5 of the 6 colours
+FIXED_BAR_COLOURS = ["red", "green", "blue", "yellow"]  # bars and map: always these 4, in shuffled places
+FIXED_ANIMAL_GROUPS = ["mammals", "birds", "fish", "reptiles"]
+FIXED_WORD_CLASSES = ["a noun", "a verb", "an adjective"]
+FIXED_PLACES = PLACES[:5]
+
+
+def _count_fixed(rng: random.Random) -> Item:
+    shape, k = rng.choice(SHAPES), rng.randint(1, 5)
+    objs = [{"shape": shape, "colour": rng.choice(list(COLOURS)), "cell": cell, "grid": 3} for cell in _cells(rng, k)]
+    options = [str(i) for i in range(1, 6)]
+    return _item(
+        rng, "count", "NAT", (1, 3), f"How many {shape}s are in the picture?", options, k - 1,
+        topic="units-and-measurement", category="Counting", skill="Count shapes in a picture",
+        lecture="To count objects, point to each one once and say the next number.",
+        solution=lambda o, s=shape: f"Count the {s}s in the picture. There are {o} {s}s.",
+        scene={"kind": "shapes", "objects": objs},
+        caption=f"{NUMBER_WORDS[k].capitalize()} {shape}{'s' if k > 1 else ''} on a white background.",
+    )  # fmt: skip
+
+
+def _colour_fixed(rng: random.Random) -> Item:
+    shape, colour = rng.choice(SHAPES), rng.choice(FIXED_COLOURS)
+    return _item(
+        rng, "colour", "NAT", (1, 2), f"What colour is the {shape}?", list(FIXED_COLOURS),
+        FIXED_COLOURS.index(colour),
+        topic="physics", category="Colours", skill="Identify colours",
+        lecture="Colour is a property of an object. Red, green and blue are colours.",
+        solution=lambda o, s=shape: f"Look at the {s}. The {s} is {o}.",
+        scene={"kind": "shapes", "objects": [{"shape": shape, "colour": colour, "cell": (1, 1), "grid": 3}]},
+        caption=f"A {colour} {shape} in the middle of the picture.",
+    )  # fmt: skip
+
+
+def _shape_fixed(rng: random.Random) -> Item:
+    shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+    return _item(
+        rng, "shape", "NAT", (1, 3), "Which shape is shown in the picture?", list(SHAPES), SHAPES.index(shape),
+        topic="physics", category="Shapes", skill="Identify shapes",
+        lecture="A shape is the outline of an object. A circle is round; a square has four equal sides.",
+        solution=lambda o: f"Look at the outline. The shape is a {o}.",
+        scene={"kind": "shapes", "objects": [{"shape": shape, "colour": colour, "cell": _cells(rng, 1)[0], "grid": 3}]},
+        caption=f"A {colour} {shape}.",
+    )  # fmt: skip
+
+
+def _bars_fixed(rng: random.Random) -> Item:
+    colours = rng.sample(FIXED_BAR_COLOURS, len(FIXED_BAR_COLOURS))  # places on the chart
+    heights = rng.sample(range(2, 10), len(colours))
+    which = rng.choice(["tallest", "shortest"])
+    target = colours[heights.index(max(heights) if which == "tallest" else min(heights))]
+    thing = rng.choice(THINGS)
+    hint = f"The bar chart shows how many {thing} each team collected. Each bar has its own colour."
+    return _item(
+        rng, "bars", "SOC", (3, 12), f"Which team's bar is the {which}?", list(FIXED_BAR_COLOURS),
+        FIXED_BAR_COLOURS.index(target),
+        topic="economics", category="Data and graphs", skill="Read a bar chart",
+        lecture="A bar chart compares amounts. A taller bar means a larger amount.",
+        solution=lambda o, w=which: f"Compare the heights of the bars. The {o} bar is the {w}.",
+        hint=hint, scene={"kind": "bars", "colours": colours, "heights": heights},
+        caption=f"A bar chart with four bars; the {target} bar is the {which}.",
+    )  # fmt: skip
+
+
+def _map_fixed(rng: random.Random) -> Item:
+    colours = rng.sample(FIXED_BAR_COLOURS, len(FIXED_BAR_COLOURS))
+    k = len(colours)
+    rows, cols = rng.sample(range(4), k), rng.sample(range(4), k)
+    direction = rng.choice(["north", "south", "east", "west"])
+    key = {"north": rows, "south": [-r for r in rows], "west": cols, "east": [-c for c in cols]}[direction]
+    target = colours[key.index(min(key))]
+    options = [f"the {c} city" for c in FIXED_BAR_COLOURS]
+    answer = FIXED_BAR_COLOURS.index(target)
+    return _item(
+        rng, "map", "SOC", (2, 8), f"Which city is farthest {direction}?", options, answer,
+        topic="geography", category="Geography", skill="Read a map: cardinal directions",
+        lecture="A compass rose shows the cardinal directions. The north arrow points north; on this map north is up.",
+        solution=lambda o, d=direction: f"Use the compass rose. {o.capitalize()} is farthest {d}.",
+        scene={"kind": "map", "colours": colours, "cells": list(zip(rows, cols))},
+        caption=f"A grid map with a compass rose and four cities; {options[answer]} is farthest {direction}.",
+    )  # fmt: skip
+
+
+def _animals_fixed(rng: random.Random) -> Item:
+    cls = rng.choice(list(ANIMALS))
+    animal = rng.choice(ANIMALS[cls])
+    group = FIXED_ANIMAL_GROUPS[list(ANIMALS).index(cls)]
+    return _item(
+        rng, "animals", "NAT", (2, 6), f"Which group does the {animal} belong to?", list(FIXED_ANIMAL_GROUPS),
+        FIXED_ANIMAL_GROUPS.index(group),
+        topic="biology", category="Classification", skill="Identify mammals, birds, fish and reptiles",
+        lecture="Mammals have fur and feed milk to their young. Birds have feathers. Fish live in water and have gills."
+        " Reptiles have scaly skin.",
+        solution=lambda o, a=animal: f"The {a} belongs to the {o}.",
+    )  # fmt: skip
+
+
+def _conductor_fixed(rng: random.Random) -> Item:
+    thing = rng.choice(CONDUCTORS + INSULATORS)
+    options = ["a conductor", "an insulator"]
+    return _item(
+        rng, "conductor", "NAT", (6, 10), f"Is a {thing} an electrical conductor or an insulator?", options,
+        int(thing in INSULATORS),
+        topic="physics", category="Materials", skill="Identify electrical conductors and insulators",
+        lecture="Metals such as copper, iron and silver are good conductors. Rubber, glass, wood, plastic and paper"
+        " are insulators.",
+        solution=lambda o, t=thing: f"The {t} is {'made of metal' if t in CONDUCTORS else 'not made of metal'}, so"
+        f" it is {o}.",
+    )  # fmt: skip
+
+
+def _element_fixed(rng: random.Random) -> Item:
+    substance = rng.choice(ELEMENTS + COMPOUNDS)
+    options = ["an elementary substance", "a compound"]
+    return _item(
+        rng, "element", "NAT", (8, 12), f"Is {substance} an elementary substance or a compound?", options,
+        int(substance in COMPOUNDS),
+        topic="chemistry", category="Atoms and molecules", skill="Identify elementary substances and compounds",
+        lecture="An elementary substance is made of one chemical element. A compound is made of two or more"
+        " elements bonded together.",
+        solution=lambda o, s=substance: f"{s.capitalize()} is {o}.",
+    )  # fmt: skip
+
+
+def _dictionary_fixed(rng: random.Random) -> Item:
+    i = rng.randrange(0, len(WORDS) - 8)
+    lo, hi = WORDS[i], WORDS[i + rng.randint(3, 7)]
+    inside = rng.random() < 0.5
+    word = rng.choice(WORDS[i + 1 : WORDS.index(hi)] if inside else WORDS[:i] + WORDS[WORDS.index(hi) + 1 :])
+    return _item(
+        rng, "dictionary", "LAN", (2, 8),
+        f"Would you find the word {word} on a dictionary page with the following guide words?\n{lo} - {hi}",
+        ["yes", "no"], int(not inside),
+        topic="reference-skills", category="Reference skills", skill="Use guide words",
+        lecture="Guide words are the first and last words on a dictionary page. Words on the page are in"
+        " alphabetical order between them.",
+        solution=lambda o, w=word, a=lo, b=hi: f"{w.capitalize()} is {'between' if a < w < b else 'not between'} {a}"
+        f" and {b} in alphabetical order, so the answer is {o}.",
+    )  # fmt: skip
+
+
+def _word_class_fixed(rng: random.Random) -> Item:
+    cls = rng.choice(list(WORD_CLASSES))
+    word = rng.choice(WORD_CLASSES[cls])
+    answer = list(WORD_CLASSES).index(cls)
+    return _item(
+        rng, "word_class", "LAN", (3, 9), f"Which part of speech is the word {word}?", list(FIXED_WORD_CLASSES),
+        answer,
+        topic="grammar", category="Parts of speech", skill="Identify nouns, verbs and adjectives",
+        lecture="A noun names a person, place or thing. A verb tells an action. An adjective describes a noun.",
+        solution=lambda o, w=word: f"{w.capitalize()} is {o}.",
+    )  # fmt: skip
+
+
+def _sum_hint_fixed(rng: random.Random) -> Item:
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    a, b = rng.randint(1, 3), rng.randint(1, 3)
+    options = [str(i) for i in range(2, 7)]
+    return _item(
+        rng, "sum_hint", "NAT", (1, 4), f"How many {thing} does {name} have in all?", options, a + b - 2,
+        topic="units-and-measurement", category="Addition", skill="Add two numbers from a story",
+        lecture="To find how many in all, add the numbers together.",
+        solution=lambda o, x=a, y=b: f"Add {x} and {y}. {name} has {o} {thing} in all.",
+        hint=f"{name} has {a} red {thing} and {b} blue {thing}.",
+    )  # fmt: skip
+
+
+def _reading_hint_fixed(rng: random.Random) -> Item:
+    name = rng.choice(NAMES)
+    place = rng.choice(FIXED_PLACES)
+    return _item(
+        rng, "reading_hint", "SOC", (3, 12), f"Where does {name} live?", list(FIXED_PLACES),
+        FIXED_PLACES.index(place),
+        topic="civics", category="Reading", skill="Find details in a text",
+        lecture="Read the text carefully. The answer to a question is often stated in the text.",
+        solution=lambda o, n=name: f"The text says that {n} lives in {o}.",
+        hint=f"{name} lives in {place}. Every morning {name} walks to school with a friend.",
+    )  # fmt: skip
+
+
 IMAGE_TEMPLATES: dict[str, Callable[[random.Random], Item]] = {
     "count": _count, "colour": _colour, "shape": _shape, "position": _position, "bars": _bars, "map": _map,
 }  # fmt: skip
@@ -349,20 +534,44 @@ TEXT_TEMPLATES: dict[str, Callable[[random.Random], Item]] = {
     "animals": _animals, "conductor": _conductor, "element": _element, "dictionary": _dictionary,
     "word_class": _word_class, "sum_hint": _sum_hint, "reading_hint": _reading_hint,
 }  # fmt: skip
+FIXED_TEMPLATES: dict[str, Callable[[random.Random], Item]] = {
+    "count": _count_fixed, "colour": _colour_fixed, "shape": _shape_fixed, "position": _position,
+    "bars": _bars_fixed, "map": _map_fixed, "animals": _animals_fixed, "conductor": _conductor_fixed,
+    "element": _element_fixed, "dictionary": _dictionary_fixed, "word_class": _word_class_fixed,
+    "sum_hint": _sum_hint_fixed, "reading_hint": _reading_hint_fixed,
+}  # fmt: skip
 
 
-def generate(n: int, seed: int) -> list[Item]:
-    """``n`` problems (about half with an image), deterministic in ``seed``; images are not rendered here."""
+def generate(n: int, seed: int, *, fixed_options: bool = False, families: Sequence[str] | None = None) -> list[Item]:
+    """``n`` problems (about half with an image), deterministic in ``seed``; images are not rendered here.
+
+    Args:
+        n: Number of problems.
+        seed: Seed of the world.
+        fixed_options: Each family always shows the same option list in the same order (``FIXED_TEMPLATES``;
+            text families ask about one item and offer its classes), so a letter is a fixed function of the
+            content. Off: the default world, whose option lists are drawn per question.
+        families: Only these question families (template names; default all). The image/text mix stays 55/45
+            when both kinds are kept.
+    """
     if n < 3:
         raise ValueError(f"n={n}: expected at least 3 problems (one per split)")
+    known = set(IMAGE_TEMPLATES) | set(TEXT_TEMPLATES)
+    unknown = sorted(set(families or ()) - known)
+    if unknown or (families is not None and not families):
+        raise ValueError(f"families={list(families or [])}: expected a non-empty subset of {sorted(known)}")
     rng = random.Random(seed)
-    image_names, text_names = sorted(IMAGE_TEMPLATES), sorted(TEXT_TEMPLATES)
+    image_names = sorted(f for f in IMAGE_TEMPLATES if families is None or f in families)
+    text_names = sorted(f for f in TEXT_TEMPLATES if families is None or f in families)
+    image_share = 0.55 if image_names and text_names else 1.0 if image_names else 0.0
+    image_templates = FIXED_TEMPLATES if fixed_options else IMAGE_TEMPLATES
+    text_templates = FIXED_TEMPLATES if fixed_options else TEXT_TEMPLATES
     items = []
     for _ in range(n):
-        if rng.random() < 0.55:
-            item = IMAGE_TEMPLATES[rng.choice(image_names)](rng)
+        if rng.random() < image_share:
+            item = image_templates[rng.choice(image_names)](rng)
         else:
-            item = TEXT_TEMPLATES[rng.choice(text_names)](rng)
+            item = text_templates[rng.choice(text_names)](rng)
         items.append(item)
     return items
 
@@ -449,6 +658,8 @@ def synth_sqa(
     *,
     tokenizer: bool = True,
     vocab_size: int = 2048,
+    fixed_options: bool = False,
+    families: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Write a synthetic ScienceQA-style world in ScienceQA's layout, plus captions, preferences and a tokenizer.
 
@@ -464,6 +675,8 @@ def synth_sqa(
         image_size: Side of the square images in pixels.
         tokenizer: Also train and write the tokenizer folder.
         vocab_size: Vocabulary size of that tokenizer.
+        fixed_options: Same option list, in the same order, for every question of a family (see ``generate``).
+        families: Only these question families (template names; default all).
 
     Returns:
         A summary: paths and counts per split, with and without image.
@@ -472,7 +685,7 @@ def synth_sqa(
         raise ValueError(f"image_size={image_size}: expected at least 16 pixels")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    items = generate(n, seed)
+    items = generate(n, seed, fixed_options=fixed_options, families=families)
     order = list(range(n))
     random.Random(seed + 1).shuffle(order)
     n_val = n_test = max(1, n // 5)

@@ -1,6 +1,7 @@
 import json
 from collections import Counter
 
+import pytest
 from transformers import AutoTokenizer
 
 from mmkd.data.commands import synth_sqa_command
@@ -84,3 +85,50 @@ def test_text_only_baseline_is_near_chance_on_image_questions() -> None:
             text_hits += max(p["choices"], key=lambda c: counts[c]) == p["choices"][p["answer"]]
             text_n += 1
     assert text_hits / text_n > 0.5
+
+
+def test_fixed_options_keep_each_family_option_list_and_image_questions_need_the_image() -> None:
+    items = generate(4000, seed=1, fixed_options=True)
+    by_family: dict[str, set[tuple[str, ...]]] = {}
+    for it in items:
+        by_family.setdefault(it.template, set()).add(tuple(it.problem["choices"]))
+    # every family: one option list, in one order (position: one per axis), at most 5 options
+    assert set(by_family) == set(IMAGE_TEMPLATES) | {"animals", "conductor", "element", "dictionary", "word_class",
+                                                       "sum_hint", "reading_hint"}
+    for name, lists in by_family.items():
+        assert len(lists) == (2 if name == "position" else 1), (name, lists)
+        assert all(2 <= len(options) <= 5 for options in lists)
+    colour = [it for it in items if it.template == "colour"]
+    # the letter is a fixed function of the content: the colour drawn in the scene
+    assert all(it.problem["choices"][it.problem["answer"]] == it.scene["objects"][0]["colour"] for it in colour)
+    counts = Counter(it.problem["answer"] for it in colour)
+    assert len(counts) == 5 and min(counts.values()) > 0.1 * len(colour)
+    # a text-only majority vote per (family, question text) stays at chance on image questions
+    train, test = items[:3000], items[3000:]
+    votes: dict[tuple[str, str], Counter] = {}
+    for it in train:
+        votes.setdefault((it.template, it.problem["question"]), Counter())[it.problem["answer"]] += 1
+    hits = chance = n = 0.0
+    for it in test:
+        if it.template in IMAGE_TEMPLATES:
+            p = it.problem
+            counts = votes.get((it.template, p["question"]), Counter())
+            hits += max(range(len(p["choices"])), key=lambda i: (counts[i], -i)) == p["answer"]
+            chance += 1 / len(p["choices"])
+            n += 1
+    assert n > 400 and hits / n < chance / n + 0.05, (hits / n, chance / n)
+
+
+def test_fixed_options_default_world_unchanged_and_families_filter(tmp_path) -> None:
+    default = [it.problem for it in generate(50, seed=2)]
+    assert default == [it.problem for it in generate(50, seed=2, fixed_options=False)]
+    assert default != [it.problem for it in generate(50, seed=2, fixed_options=True)]
+    only = generate(40, seed=0, fixed_options=True, families=["colour", "animals"])
+    assert {it.template for it in only} == {"colour", "animals"}
+    summary = synth_sqa_command(str(tmp_path), n=30, seed=0, fixed_options=True)
+    problems = json.loads((tmp_path / "problems.json").read_text())
+    assert len(problems) == summary["problems"] == 30
+    for pid, p in problems.items():
+        validate_problem(p, pid)
+    with pytest.raises(ValueError, match=r"families=\['nope'\]: expected a non-empty subset"):
+        generate(10, seed=0, families=["nope"])
