@@ -262,7 +262,12 @@ def build_strategy(
         if recipe is not None and stage is not None:
             # DeepSpeed's train_batch_size = micro x accumulation x world must agree with the recipe's global batch.
             kwargs["logging_batch_size_per_gpu"] = recipe.micro_batch(stage)[0]
-        return MMKDDeepSpeedStrategy(**kwargs)
+        strategy = MMKDDeepSpeedStrategy(**kwargs)
+        if kwargs.get("offload_optimizer") and strategy.config is not None:
+            # DeepSpeed refuses a client optimizer with offload unless told to take it: mmkd's torch AdamW then
+            # steps on the CPU (DeepSpeed's compiled CPU Adam would be faster; not wired in yet).
+            strategy.config.setdefault("zero_force_ds_cpu_optimizer", False)
+        return strategy
     if name == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
 

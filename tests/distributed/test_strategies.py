@@ -43,6 +43,7 @@ def test_presets_map_onto_lightning_strategies():
         assert ds.config["train_micro_batch_size_per_gpu"] == 4  # global 8 over 2 devices
         assert ds.exclude_frozen_parameters is True
         assert is_zero3(ds) is (stage == 3)
+        assert ds.config.get("zero_force_ds_cpu_optimizer", True) is not offload  # torch AdamW accepted with offload
     fsdp = build_strategy("fsdp", recipe=recipe, stage="s")
     assert isinstance(fsdp, FSDPStrategy) and fsdp.kwargs["use_orig_params"] is True
     assert build_strategy("ddp_spawn") == "ddp_spawn"  # other Lightning names pass through
