@@ -2,7 +2,12 @@
 
 Setting (what a user of distillation has in practice, scaled down to minutes on two CPU cores):
 
-* a synthetic ScienceQA-style world (``mmkd.data.synth``); its test split is held out from everything;
+* a synthetic ScienceQA-style world (``mmkd.data.synth``) with fixed option lists (``fixed_options=True``: each
+  family always shows the same options in the same order, so a letter is a fixed function of the content); its
+  test split is held out from everything;
+* both vision towers are random CLIP-ViTs kept frozen (a fixed random feature map; their image processors centre
+  the white background on 0): only projectors and language models train. Trained from scratch, the towers
+  collapsed to image-independent tokens within a few hundred steps (docs/results.md);
 * a tiny teacher trained with labels on a large ``teacher`` split (``recipes/tiny/teacher.yaml``);
 * the student gets a small ``labelled`` set (a subset of the teacher's split, true answers) and a larger,
   disjoint ``transfer`` set *without* answers: the teacher answers those questions (its own most likely
@@ -31,8 +36,8 @@ from typing import Any
 
 __all__ = ["DEFAULT_SIZES", "demo_command", "recipe_path", "results_table"]
 
-# Model sizes: ~5x the student's parameters for the teacher. Measured on the shared 2-core machine (bench/demo_time.py):
-# at batch 16 and ~80-token sequences a training step takes ~0.3 s (student) and ~0.9 s (teacher).
+# Model sizes: ~3x the student's parameters for the teacher. Measured on the shared 2-core machine (docs/results.md):
+# at batch 16 and ~80-token sequences with frozen towers a teacher step takes 0.08-0.55 s depending on the load.
 DEFAULT_SIZES: dict[str, dict[str, int]] = {
     "teacher": {"hidden": 128, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 384, "vision_hidden": 64,
                 "vision_layers": 2},
@@ -194,7 +199,8 @@ def demo_command(
     transfer set the student has no answers for, runs tiny LLaVA-KD (DPT -> SFT -> DFT with MDist/RDist) and the
     no-distillation baseline (same student, labelled data and optimizer steps), evaluates the three models on the
     held-out test split in generate mode (LLaVA's ScienceQA scoring, the headline) and likelihood mode, prints the
-    table and writes OUT/results.json. About 10-15 minutes on 2 CPU cores; see docs/results.md.
+    table and writes OUT/results.json. About 4-6 minutes on 2 CPU cores (more when the CPU is shared);
+    see docs/results.md.
 
     Args:
         out: Output folder (world, models, run directories, evaluations, results.json).
@@ -319,6 +325,8 @@ def demo_command(
         "sizes": sizes,
         "recipes": {"teacher": "recipes/tiny/teacher.yaml", "student_kd": "recipes/tiny/llava_kd.yaml",
                     "student_no_kd": "recipes/tiny/demo_no_kd.yaml"},
+        "world_options": "fixed_options" if fixed_options else "default",
+        "trained_parts": ["projector", "language_model"],
         "objectives": {"dpt": "mdist + rdist on transfer prompts", "sft": "lm on labelled",
                        "dft": "lm + mdist + rdist on labelled + teacher-answered transfer",
                        "baseline": "lm on labelled in every stage"},

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmkd.demo import MODELS, _split_world, demo_command, recipe_path, results_table
 from mmkd.recipe import load_recipe
@@ -59,6 +60,25 @@ def test_results_json_structure(demo):
     assert setting["examples_per_student"] == 16
     assert setting["world"]["labelled"] == 8 and setting["world"]["transfer"] == 20
     assert set(setting["seconds"]) >= {"teacher_fit", "student_kd_fit", "student_no_kd_fit", "total"}
+    assert setting["world_options"] == "fixed_options" and setting["trained_parts"] == ["projector", "language_model"]
+
+
+def test_fixed_world_and_white_centred_frozen_towers(demo):
+    out, _ = demo
+    problems = json.loads((out / "world" / "problems.json").read_text())
+    colours = {tuple(p["choices"]) for p in problems.values() if p["skill"] == "Identify colours"}
+    assert colours == {("red", "green", "blue", "yellow", "purple")}
+    for kind in ("teacher", "student"):
+        processor = json.loads((out / "models" / f"{kind}-vision" / "preprocessor_config.json").read_text())
+        assert processor["image_mean"] == [1.0, 1.0, 1.0] and processor["image_std"] == [0.5, 0.5, 0.5]
+    # the towers never moved: the trained teacher's vision weights equal the random initial ones
+    from safetensors.torch import load_file
+
+    initial = load_file(str(out / "models" / "teacher-vision" / "model.safetensors"))
+    trained = load_file(str(next((out / "teacher" / "stages" / "train" / "student").glob("*.safetensors"))))
+    patch = [k for k in trained if k.endswith("patch_embedding.weight")]
+    assert len(patch) == 1
+    assert torch.equal(trained[patch[0]], initial["embeddings.patch_embedding.weight"])
 
 
 def test_pieces_ran_with_the_promised_steps(demo):
