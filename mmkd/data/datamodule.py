@@ -79,7 +79,7 @@ class MMKDDataModule(L.LightningDataModule):
         self._pending_state: dict[str, Any] | None = None
 
     def _replicas(self) -> tuple[int, int]:
-        trainer = self._trainer if hasattr(self, "_trainer") else None
+        trainer = getattr(self, "trainer", None)  # Lightning attaches the Trainer as ``self.trainer``
         if trainer is None:
             return 1, 0
         return max(1, trainer.world_size), trainer.global_rank
