@@ -131,7 +131,10 @@ def _fit(argv: list[str], echo: Callable[[str], None]) -> int:
         manifest = runner.run()
     except RunError as err:
         return _fail(str(err), code=1)
-    _print_summary(summary_rows(manifest), recipe.run_dir)
+    from mmkd.runner import _is_rank_zero
+
+    if _is_rank_zero():  # every rank runs the command under DDP; the table is printed once
+        _print_summary(summary_rows(manifest), recipe.run_dir)
     return 0
 
 

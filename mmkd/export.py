@@ -26,13 +26,14 @@ def _stage_student(run: Path, manifest: dict[str, Any], stage: str | None, tmp: 
         return run / entry["student"], stage
     if not entry.get("checkpoint"):
         raise ValueError(f"--stage {stage}: the stage is {entry.get('status')} and has no checkpoint to export")
-    from mmkd.modules.checkpoints import load_student_state
+    from mmkd.modules.checkpoints import load_stage_checkpoint
     from mmkd.recipe import load_recipe
     from mmkd.runner import Runner
 
     recipe = load_recipe(run / "recipe.yaml", ["--run_dir", str(run)])
-    student = Runner(recipe).build_student(stage)
-    student.load_state_dict(load_student_state(run / entry["checkpoint"]))
+    # frozen parts (left out of DeepSpeed checkpoints) come from the stage's init_from
+    student = load_stage_checkpoint(Runner(recipe).build_student(stage), run / entry["checkpoint"],
+                                    recipe.stage(stage)["train"])
     folder = tmp / "student"
     student.save_pretrained(str(folder))
     return folder, stage

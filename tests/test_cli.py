@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mmkd.cli import main
@@ -124,3 +125,27 @@ def test_stage_evaluation_lands_in_manifest_and_eval_folder(tiny_assets, tmp_pat
     assert metrics["count"] == 10 and metrics["mode"] == "likelihood"
     stage_metrics = json.loads((run / "manifest.json").read_text())["stages"]["sft"]["metrics"]
     assert stage_metrics["sqa/accuracy"] == pytest.approx(metrics["accuracy"])
+
+
+def test_export_an_unfinished_stage_from_its_checkpoint(tiny_assets, tmp_path):
+    import subprocess
+    import sys
+
+    from mmkd.modules.checkpoints import load_student_state
+
+    run, out = tmp_path / "run", tmp_path / "student"
+    env = {**__import__("os").environ, "MMKD_FAULT": "raise:sft:2"}
+    proc = subprocess.run([sys.executable, "-m", "mmkd", "fit", str(ROOT / "recipes" / "debug.yaml"), "--run-dir",
+                           str(run), "--data_root", tiny_assets["root"], "--trainer.max_steps", "2",
+                           "--trainer.checkpoint_every_n_steps", "1", "--trainer.enable_progress_bar", "false"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    entry = json.loads((run / "manifest.json").read_text())["stages"]["sft"]
+    assert entry["status"] == "failed" and entry["checkpoint"].endswith("step-00000001.ckpt")
+    assert main(["export", str(run), "--stage", "sft", "--out", str(out)]) == 0
+    from mmkd.models import MLLMStudent
+
+    exported = MLLMStudent.from_pretrained(out).state_dict()
+    trained = load_student_state(run / entry["checkpoint"])
+    assert trained.keys() <= exported.keys()
+    assert all(torch.equal(exported[k], v) for k, v in trained.items())
