@@ -20,21 +20,12 @@ def fsync_path(path: Path) -> None:
     if path.is_dir():
         for child in sorted(path.rglob("*")):
             if child.is_file():
-                _fsync_file(child)
-        _fsync_dir(path)
-    else:
-        _fsync_file(path)
+                _fsync(child)
+    _fsync(path)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync one file or directory entry (a directory's fsync makes a rename inside it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -95,7 +86,7 @@ class StepCheckpoint(L.Callback):
             fsync_path(tmp)
             _remove(final)
             os.replace(tmp, final)
-            _fsync_dir(self.folder)
+            _fsync(self.folder)
             self.on_saved(final, step)
             self._prune(final)
         trainer.strategy.barrier("mmkd_ckpt_done")
