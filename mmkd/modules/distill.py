@@ -241,17 +241,27 @@ class DistillModule(L.LightningModule):
         if _fault("nan", self.stage, self.global_step + 1):
             terms[next(iter(self.weights))] = terms[next(iter(self.weights))] * float("nan")
             terms["loss"] = terms["loss"] * float("nan")
-        for name, value in terms.items():
-            if not torch.isfinite(value.detach()).all():
-                raise NonFiniteLossError(
-                    f"stage {self.stage}: loss term {name!r} is {float(value.detach())} at step {self.global_step + 1}"
-                )
-        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
+        if not torch.isfinite(values).all():  # one check per step; name the first bad term
+            name, value = next((n, float(v)) for n, v in zip(terms, values.tolist()) if not math.isfinite(v))
+            step = self.global_step + 1
+            raise NonFiniteLossError(f"stage {self.stage}: loss term {name!r} is {value} at step {step}")
+        steps_done = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
+        if steps_done:
             self._advance_schedules(terms)
-        bs = self._batch_size(batch)
-        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, prog_bar=False, batch_size=bs)
-        self.log("loss", terms["loss"].detach(), prog_bar=True, logger=False, batch_size=bs)
+        if self._should_log(steps_done):
+            bs = self._batch_size(batch)
+            self.log_dict({f"train/{k}": v for k, v in zip(terms, values)}, prog_bar=False, batch_size=bs)
+            self.log("loss", values[list(terms).index("loss")], prog_bar=True, logger=False, batch_size=bs)
         return terms["loss"]
+
+    def _should_log(self, steps_done: bool) -> bool:
+        """Log on the steps the logger writes (and the last one): Lightning's per-call bookkeeping is not free."""
+        if not steps_done:
+            return False
+        step = self.global_step + 1
+        every = max(1, int(self.trainer.log_every_n_steps))
+        return step % every == 0 or step >= self.trainer.max_steps > 0 or step == 1
 
     def _count_data(self, batch: Mapping[str, Any]) -> None:
         for key, value in (batch.get("data_stats") or {}).items():
@@ -263,7 +273,8 @@ class DistillModule(L.LightningModule):
             loss = getattr(objective, "loss", None)
             if hasattr(loss, "step") and callable(loss.step):
                 loss.step(terms[name].detach())
-                self.log(f"train/{name}_t", float(loss.interpolation), batch_size=1)
+                if self._should_log(True):
+                    self.log(f"train/{name}_t", float(loss.interpolation), batch_size=1)
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         terms = self.compute_losses(batch)
