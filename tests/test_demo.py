@@ -23,9 +23,11 @@ TINY = {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 64
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("demo")
+    threads = torch.get_num_threads()
     results = demo_command(out=str(out), seed=3, n=60, labelled=8, transfer=20, teacher_steps=2, dpt_steps=1,
                            sft_steps=1, dft_steps=2, batch=4, eval_batch_size=32, teacher_sizes={**TINY, "hidden": 48},
                            student_sizes=TINY)
+    assert torch.get_num_threads() == threads  # the demo's one thread is restored
     return out, results
 
 
@@ -60,6 +62,7 @@ def test_results_json_structure(demo):
     assert setting["examples_per_student"] == 16
     assert setting["world"]["labelled"] == 8 and setting["world"]["transfer"] == 20
     assert set(setting["seconds"]) >= {"teacher_fit", "student_kd_fit", "student_no_kd_fit", "total"}
+    assert setting["threads"] == 1
     assert setting["world_options"] == "fixed_options" and setting["trained_parts"] == ["projector", "language_model"]
 
 
