@@ -186,7 +186,7 @@ def demo_command(
     sft_steps: int = 50,
     dft_steps: int = 450,
     batch: int = 16,
-    lr: float = 2e-3,
+    lr: float = 1e-3,
     eval_batch_size: int = 64,
     teacher_sizes: dict[str, int] | None = None,
     student_sizes: dict[str, int] | None = None,
