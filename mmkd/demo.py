@@ -200,7 +200,7 @@ def demo_command(
     transfer set the student has no answers for, runs tiny LLaVA-KD (DPT -> SFT -> DFT with MDist/RDist) and the
     no-distillation baseline (same student, labelled data and optimizer steps), evaluates the three models on the
     held-out test split in generate mode (LLaVA's ScienceQA scoring, the headline) and likelihood mode, prints the
-    table and writes OUT/results.json. About 4-6 minutes on 2 CPU cores (more when the CPU is shared);
+    table and writes OUT/results.json. About 3 minutes on 2 CPU cores (more when the CPU is shared);
     see docs/results.md.
 
     Args:
