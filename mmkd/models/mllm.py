@@ -125,6 +125,11 @@ class ImageTextModel(nn.Module):
         if self._routers is not None:
             self._routers.start()
         base = getattr(self.hf, self.hf.base_model_prefix)
+        anchor = None
+        if (pixel_values is None or pixel_values.shape[0] == 0) and (torch.is_grad_enabled() or _partitioned(self.hf)):
+            # before the language model, in the order a batch with images runs its modules (ZeRO-3 gathers
+            # parameters in execution order on every rank)
+            anchor = self._vision_anchor(base)
         out = base(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -135,13 +140,14 @@ class ImageTextModel(nn.Module):
             **kwargs,
         )
         aux = self._routers.finish(attention_mask) if self._routers is not None else None
+        last_hidden = out.last_hidden_state if anchor is None else out.last_hidden_state + anchor
         head = self.hf.get_output_embeddings()
         weight, bias = head.weight, head.bias
         if self.vocab_limit is not None:
             weight = weight[: self.vocab_limit]
             bias = None if bias is None else bias[: self.vocab_limit]
         return ModelOutput(
-            last_hidden=out.last_hidden_state,
+            last_hidden=last_hidden,
             head_weight=weight,
             head_bias=bias,
             hidden_states=tuple(out.hidden_states) if output_hidden_states and out.hidden_states else None,
@@ -149,6 +155,29 @@ class ImageTextModel(nn.Module):
             visual_mask=input_ids == self.image_token_id,
             aux_loss=aux,
         )
+
+    def _vision_anchor(self, base: nn.Module) -> Tensor | None:
+        """``0 ×`` the vision path on a blank image, for micro-batches without any image.
+
+        Under DDP/ZeRO every rank must run the same graph: a rank whose micro-batch is text-only would otherwise
+        skip the vision tower and projector (ZeRO-2 then reduces gradients of mismatched sizes, ZeRO-3 waits
+        forever for their parameter gathers). Adding this zero keeps those parameters in the graph with zero
+        gradients, on every world size alike, without changing any value.
+        """
+        get = getattr(base, "get_image_features", None)
+        if get is None:
+            return None
+        h, w = self.image_size
+        vision_param = next(iter(base.vision_tower.parameters()), None) if hasattr(base, "vision_tower") else None
+        device = vision_param.device if vision_param is not None else None
+        dummy = torch.zeros(1, 3, h, w, dtype=self.compute_dtype, device=device)
+        cfg = self.hf.config
+        out = get(pixel_values=dummy, vision_feature_layer=cfg.vision_feature_layer,
+                  vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        feats = getattr(out, "pooler_output", out)
+        if isinstance(feats, (list, tuple)):
+            return sum(f.float().sum() for f in feats) * 0.0
+        return feats.float().sum() * 0.0
 
     @torch.no_grad()
     def generate(self, max_new_tokens: int = 32, **batch: Any) -> Tensor:
@@ -224,6 +253,12 @@ class ImageTextModel(nn.Module):
         """Write weights (safetensors), config, generation config, tokenizer and processor to ``out_dir``."""
         self.hf.save_pretrained(out_dir)
         self.processor.save_pretrained(out_dir)
+
+
+def _partitioned(model: nn.Module) -> bool:
+    """Whether the model's parameters are ZeRO-3 partitions (every rank must then run every module)."""
+    first = next(iter(model.parameters()), None)
+    return first is not None and hasattr(first, "ds_id")
 
 
 def _part_of(name: str) -> str:

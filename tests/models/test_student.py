@@ -127,3 +127,30 @@ def test_bad_projector_and_missing_parts(tiny_dirs, tmp_path) -> None:
         MLLMStudent("x", "y", projector="linear")
     with pytest.raises(ModelNotFoundError, match="vision=.*no such folder"):
         MLLMStudent(str(tmp_path / "nope"), str(tiny_dirs["mllm-student"]))
+
+
+def test_text_only_batch_keeps_the_vision_path_in_the_graph(student: MLLMStudent, tokenizer_dir) -> None:
+    """A micro-batch without images still gives the tower and projector (zero) gradients, values unchanged."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = torch.tensor([tok("Which shape?")["input_ids"]])
+    mask = torch.ones_like(ids)
+    student.train()
+    out = student(ids, mask)
+    with torch.no_grad():
+        plain = student.hf(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(out.logits(), plain, atol=1e-6)
+    out.logits().sum().backward()
+    text_only = {n: p.grad for n, p in student.named_parameters()}
+    student.zero_grad(set_to_none=True)
+    # with an image, the same parameters get gradients (the last tower layer is unused: feature layer -2)
+    image_ids = torch.tensor([[student.image_token_id] * student.num_image_tokens + ids[0].tolist()])
+    student(image_ids, torch.ones_like(image_ids), torch.randn(1, 3, 32, 32)).logits().sum().backward()
+    vision = {n for n, p in student.named_parameters() if ".vision_tower." in n or ".multi_modal_projector." in n}
+    used = {n for n in vision if dict(student.named_parameters())[n].grad is not None}
+    assert used and any("multi_modal_projector" in n for n in used)
+    assert all(text_only[n] is not None and not text_only[n].any() for n in used)
+    assert all(text_only[n] is None for n in vision - used)
+    student.zero_grad(set_to_none=True)
+    student.eval()
