@@ -195,30 +195,27 @@ def open_clip_visual_to_hf(visual: nn.Module, *, where: str) -> CLIPVisionModel:
         "vision_model.post_layernorm.bias": visual.ln_post.bias,
     }
     for i, b in enumerate(blocks):
-        p = f"vision_model.encoder.layers.{i}."
-        q, k, v = b.attn.in_proj_weight.chunk(3, 0)
-        qb, kb, vb = b.attn.in_proj_bias.chunk(3, 0)
-        sd.update(
-            {
-                p + "self_attn.q_proj.weight": q,
-                p + "self_attn.q_proj.bias": qb,
-                p + "self_attn.k_proj.weight": k,
-                p + "self_attn.k_proj.bias": kb,
-                p + "self_attn.v_proj.weight": v,
-                p + "self_attn.v_proj.bias": vb,
-                p + "self_attn.out_proj.weight": b.attn.out_proj.weight,
-                p + "self_attn.out_proj.bias": b.attn.out_proj.bias,
-                p + "layer_norm1.weight": b.ln_1.weight,
-                p + "layer_norm1.bias": b.ln_1.bias,
-                p + "layer_norm2.weight": b.ln_2.weight,
-                p + "layer_norm2.bias": b.ln_2.bias,
-                p + "mlp.fc1.weight": b.mlp.c_fc.weight,
-                p + "mlp.fc1.bias": b.mlp.c_fc.bias,
-                p + "mlp.fc2.weight": b.mlp.c_proj.weight,
-                p + "mlp.fc2.bias": b.mlp.c_proj.bias,
-            }
-        )
+        sd.update(_hf_clip_layer(i, b.attn.in_proj_weight, b.attn.in_proj_bias, b.attn.out_proj, b.ln_1, b.ln_2,
+                                 b.mlp.c_fc, b.mlp.c_proj))
     return _load_clip_vision(hf, sd)
+
+
+def _hf_clip_layer(
+    i: int, qkv_weight: Tensor, qkv_bias: Tensor, out: nn.Module, ln1: nn.Module, ln2: nn.Module, fc1: nn.Module,
+    fc2: nn.Module,
+) -> dict[str, Tensor]:
+    """HF CLIP vision weights of encoder layer ``i`` from a fused-QKV ViT block (open_clip and timm alike)."""
+    p = f"vision_model.encoder.layers.{i}."
+    q, k, v = qkv_weight.chunk(3, 0)
+    qb, kb, vb = qkv_bias.chunk(3, 0)
+    sd = {p + "self_attn.q_proj.weight": q, p + "self_attn.q_proj.bias": qb,
+          p + "self_attn.k_proj.weight": k, p + "self_attn.k_proj.bias": kb,
+          p + "self_attn.v_proj.weight": v, p + "self_attn.v_proj.bias": vb}
+    for name, module in (("self_attn.out_proj", out), ("layer_norm1", ln1), ("layer_norm2", ln2),
+                         ("mlp.fc1", fc1), ("mlp.fc2", fc2)):
+        sd[p + name + ".weight"] = module.weight
+        sd[p + name + ".bias"] = module.bias
+    return sd
 
 
 def _load_clip_vision(hf: CLIPVisionModel, sd: dict[str, Tensor]) -> CLIPVisionModel:
@@ -296,28 +293,6 @@ def timm_vit_to_hf(vit: nn.Module, *, where: str) -> CLIPVisionModel:
         "vision_model.post_layernorm.bias": vit.norm.bias,
     }
     for i, b in enumerate(blocks):
-        p = f"vision_model.encoder.layers.{i}."
-        q, k, v = b.attn.qkv.weight.chunk(3, 0)
         bias = b.attn.qkv.bias if b.attn.qkv.bias is not None else torch.zeros(3 * width)
-        qb, kb, vb = bias.chunk(3, 0)
-        sd.update(
-            {
-                p + "self_attn.q_proj.weight": q,
-                p + "self_attn.q_proj.bias": qb,
-                p + "self_attn.k_proj.weight": k,
-                p + "self_attn.k_proj.bias": kb,
-                p + "self_attn.v_proj.weight": v,
-                p + "self_attn.v_proj.bias": vb,
-                p + "self_attn.out_proj.weight": b.attn.proj.weight,
-                p + "self_attn.out_proj.bias": b.attn.proj.bias,
-                p + "layer_norm1.weight": b.norm1.weight,
-                p + "layer_norm1.bias": b.norm1.bias,
-                p + "layer_norm2.weight": b.norm2.weight,
-                p + "layer_norm2.bias": b.norm2.bias,
-                p + "mlp.fc1.weight": b.mlp.fc1.weight,
-                p + "mlp.fc1.bias": b.mlp.fc1.bias,
-                p + "mlp.fc2.weight": b.mlp.fc2.weight,
-                p + "mlp.fc2.bias": b.mlp.fc2.bias,
-            }
-        )
+        sd.update(_hf_clip_layer(i, b.attn.qkv.weight, bias, b.attn.proj, b.norm1, b.norm2, b.mlp.fc1, b.mlp.fc2))
     return _load_clip_vision(hf, sd)
