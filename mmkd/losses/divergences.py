@@ -219,7 +219,19 @@ class TotalVariation(TokenDivergence):
         return 0.5 * (teacher_logp.exp() - logp.exp()).abs().sum(-1)
 
 
-class SkewKL(TokenDivergence):
+class _Skewed(TokenDivergence):
+    """A divergence to a mixture of the two distributions with skew ``alpha`` (``0 <= alpha < 1``)."""
+
+    def __init__(
+        self, alpha: float = 0.1, temperature: float = 1.0, scale_by_t2: bool = False, reduction: str = "mean"
+    ) -> None:
+        super().__init__(temperature, scale_by_t2, reduction)
+        if not 0.0 <= alpha < 1.0:
+            raise ValueError(f"alpha={alpha}: expected 0 <= alpha < 1")
+        self.alpha = float(alpha)
+
+
+class SkewKL(_Skewed):
     """α-skew forward KL, ``KL(p_T ‖ α·p_T + (1−α)·p_S)`` (DistiLLM, Ko et al., 2024).
 
     Skewing the student toward the teacher keeps the divergence finite and its gradient well conditioned
@@ -230,34 +242,18 @@ class SkewKL(TokenDivergence):
         temperature, scale_by_t2, reduction: As in :class:`TokenDivergence`.
     """
 
-    def __init__(
-        self, alpha: float = 0.1, temperature: float = 1.0, scale_by_t2: bool = False, reduction: str = "mean"
-    ) -> None:
-        super().__init__(temperature, scale_by_t2, reduction)
-        if not 0.0 <= alpha < 1.0:
-            raise ValueError(f"alpha={alpha}: expected 0 <= alpha < 1")
-        self.alpha = float(alpha)
-
     def divergence(self, logp: Tensor, teacher_logp: Tensor, logits: Tensor) -> Tensor:
         log_m = logp if self.alpha == 0 else log_mixture(teacher_logp, logp, self.alpha)
         return kl_from_logprobs(teacher_logp, log_m)
 
 
-class SkewReverseKL(TokenDivergence):
+class SkewReverseKL(_Skewed):
     """α-skew reverse KL, ``KL(p_S ‖ α·p_S + (1−α)·p_T)`` (DistiLLM, Ko et al., 2024). ``α = 0`` is reverse KL.
 
     Args:
         alpha: Skew, ``0 <= alpha < 1`` (DistiLLM uses 0.1).
         temperature, scale_by_t2, reduction: As in :class:`TokenDivergence`.
     """
-
-    def __init__(
-        self, alpha: float = 0.1, temperature: float = 1.0, scale_by_t2: bool = False, reduction: str = "mean"
-    ) -> None:
-        super().__init__(temperature, scale_by_t2, reduction)
-        if not 0.0 <= alpha < 1.0:
-            raise ValueError(f"alpha={alpha}: expected 0 <= alpha < 1")
-        self.alpha = float(alpha)
 
     def divergence(self, logp: Tensor, teacher_logp: Tensor, logits: Tensor) -> Tensor:
         log_m = teacher_logp if self.alpha == 0 else log_mixture(logp, teacher_logp, self.alpha)
