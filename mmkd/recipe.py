@@ -234,6 +234,8 @@ EXECUTION_KEYS = (
     "stages.*.data.init_args.num_workers",
 )
 
+# Objectives that only one stage kind computes.
+_KIND_OF = {"dpo": "preference", "clip_kd": "clip"}
 _TOP_KEYS = {"seed", "run_dir", "teacher", "student", "trainer", "stages"}
 _PARTS = {"vision_tower", "projector", "language_model", "experts", "router", "text_tower", "logit_scale"}
 
@@ -525,6 +527,13 @@ def validate(recipe: Recipe, objective_names: set[str] | None = None) -> None:
                 raise RecipeError(f"{key}.objectives.{obj}: unknown objective (expected one of {known})")
             if weight < 0:
                 raise RecipeError(f"{key}.objectives.{obj}: expected a weight >= 0, got {weight}")
+        kind = stage["kind"]
+        for obj in stage["objectives"]:
+            if obj in _KIND_OF and kind != _KIND_OF[obj]:
+                raise RecipeError(f"{key}.objectives.{obj}: needs kind: {_KIND_OF[obj]} (the stage is {kind})")
+        needed = {v: k for k, v in _KIND_OF.items()}.get(kind)
+        if needed is not None and needed not in stage["objectives"]:
+            raise RecipeError(f"{key}.objectives: a {kind} stage needs the objective {needed}")
         for obj in stage["objective_args"]:
             if obj not in stage["objectives"]:
                 raise RecipeError(f"{key}.objective_args.{obj}: no objective of that name in {key}.objectives")

@@ -104,6 +104,8 @@ def test_accumulation_from_global_batch(tmp_path):
         (variant(stages__sft__init_from="sft"), [], "stages.sft.init_from: stage 'sft' does not run before 'sft'"),
         (variant(colour="blue", extra={"a": 1}), [], "extra: unknown key"),
         (BASE, ["--nonsense", "1"], "nonsense: unknown key"),
+        (variant(stages__sft__objectives={"dpo": 1.0}), [], "stages.sft.objectives.dpo: needs kind: preference"),
+        (variant(stages__sft__kind="clip"), [], "stages.sft.objectives: a clip stage needs the objective clip_kd"),
     ],
 )
 def test_bad_recipes_are_one_line_errors(tmp_path, recipe, overrides, message):
