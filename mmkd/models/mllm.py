@@ -127,8 +127,8 @@ class ImageTextModel(nn.Module):
         base = getattr(self.hf, self.hf.base_model_prefix)
         anchor = None
         if (pixel_values is None or pixel_values.shape[0] == 0) and (torch.is_grad_enabled() or _partitioned(self.hf)):
-            # before the language model, in the order a batch with images runs its modules (ZeRO-3 gathers
-            # parameters in execution order on every rank)
+            # Keeps the vision path in every rank's graph (ZeRO-2 needs equal gradient buckets on all ranks).
+            # ZeRO-3 with such micro-batches still hangs; see docs/distributed.md, "Known limits".
             anchor = self._vision_anchor(base)
         out = base(
             input_ids=input_ids,
@@ -162,7 +162,8 @@ class ImageTextModel(nn.Module):
         Under DDP/ZeRO every rank must run the same graph: a rank whose micro-batch is text-only would otherwise
         skip the vision tower and projector (ZeRO-2 then reduces gradients of mismatched sizes, ZeRO-3 waits
         forever for their parameter gathers). Adding this zero keeps those parameters in the graph with zero
-        gradients, on every world size alike, without changing any value.
+        gradients, on every world size alike, without changing any value. It fixes ZeRO-2; ZeRO-3 still hangs
+        on such micro-batches (open, docs/distributed.md).
         """
         get = getattr(base, "get_image_features", None)
         if get is None:
