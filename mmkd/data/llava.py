@@ -56,16 +56,7 @@ class LlavaConversations(RecordDataset):
     ) -> None:
         super().__init__(json_path, skip_bad)
         self.image_folder = str(image_folder)
-        for index, raw in enumerate(_records(json_path)):
-            try:
-                entry = self._parse(raw, index)
-            except BadRecord as e:
-                self._reject(e)
-                continue
-            if check_images and not self._check_images(entry["where"], entry["image_paths"]):
-                continue
-            self._entries.append(entry)
-        self._finish()
+        self._load(_records(json_path), self._parse, check_images)
 
     def _parse(self, raw: Any, index: int) -> dict[str, Any]:
         if not isinstance(raw, dict):
@@ -168,15 +159,7 @@ class LlavaQuestionFile(RecordDataset):
     ) -> None:
         super().__init__(json_path, skip_bad)
         self.image_folder = str(image_folder)
-        for index, raw in enumerate(_records(json_path)):
-            try:
-                entry = self._parse(raw, index, instruction)
-            except BadRecord as e:
-                self._reject(e)
-                continue
-            if self._check_images(entry["where"], entry["image_paths"]):
-                self._entries.append(entry)
-        self._finish()
+        self._load(_records(json_path), lambda raw, index: self._parse(raw, index, instruction))
 
     def _parse(self, raw: Any, index: int, instruction: str | None) -> dict[str, Any]:
         if not isinstance(raw, dict):
@@ -240,15 +223,7 @@ class PreferencePairs(RecordDataset):
     ) -> None:
         super().__init__(json_path, skip_bad)
         self.image_folder = str(image_folder)
-        for index, raw in enumerate(_records(json_path)):
-            try:
-                entry = self._parse(raw, index)
-            except BadRecord as e:
-                self._reject(e)
-                continue
-            if self._check_images(entry["where"], entry["image_paths"]):
-                self._entries.append(entry)
-        self._finish()
+        self._load(_records(json_path), self._parse)
 
     def _parse(self, raw: Any, index: int) -> dict[str, Any]:
         if not isinstance(raw, dict):

@@ -87,6 +87,19 @@ class RecordDataset(Dataset):
                 return False
         return True
 
+    def _load(self, raws: Any, parse: Any, check_images: bool = True) -> None:
+        """Parse every raw record (``parse(raw, index) -> entry``), reject or skip bad ones, then ``_finish``."""
+        for index, raw in enumerate(raws):
+            try:
+                entry = parse(raw, index)
+            except BadRecord as e:
+                self._reject(e)
+                continue
+            if check_images and not self._check_images(entry["where"], entry["image_paths"]):
+                continue
+            self._entries.append(entry)
+        self._finish()
+
     def _finish(self) -> None:
         if not self._entries:
             reason = f" ({len(self.skipped)} bad records skipped, first: {self.skipped[0]})" if self.skipped else ""
