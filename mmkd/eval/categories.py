@@ -61,13 +61,7 @@ def problem_categories(subject: str, grade: str | int, hint: str, has_image: boo
     if grade_category is not None:
         found.add(grade_category)
     # ScienceQA tests truthiness: any non-empty hint is text context, even whitespace.
-    if hint:
-        found.add("TXT")
-    if has_image:
-        found.add("IMG")
-    if not hint and not has_image:
-        found.add("NO")
-    return frozenset(found)
+    return frozenset(found | _context_categories(bool(hint), has_image))
 
 
 def prompt_categories(prompt: str) -> frozenset[str]:
@@ -82,6 +76,11 @@ def prompt_categories(prompt: str) -> frozenset[str]:
     has_image = "<image>" in prompt
     match = _CONTEXT_LINE.search(prompt)
     has_text = match is not None and match.group(1).strip() not in ("", "N/A")
+    return frozenset(_context_categories(has_text, has_image))
+
+
+def _context_categories(has_text: bool, has_image: bool) -> set[str]:
+    """TXT / IMG / NO as ScienceQA defines them: NO is neither text context nor image."""
     found = set()
     if has_text:
         found.add("TXT")
@@ -89,7 +88,7 @@ def prompt_categories(prompt: str) -> frozenset[str]:
         found.add("IMG")
     if not has_text and not has_image:
         found.add("NO")
-    return frozenset(found)
+    return found
 
 
 def record_categories(record: Mapping[str, Any]) -> frozenset[str]:
