@@ -70,13 +70,13 @@ class _FusedHeadLoss(torch.autograd.Function):
                     grad_hidden[group] += grad_h
                 else:
                     grad_hidden.index_add_(0, group, grad_h.to(hidden.dtype))
+                del grad_h
             if grad_weight is not None:
-                h32 = h if h.dtype == torch.float32 else h.float()
-                g32 = grad_logits if grad_logits.dtype == torch.float32 else grad_logits.float()
-                grad_weight.addmm_(g32.t(), h32)
+                grad_weight.addmm_(grad_logits.float().t(), h.float())
             if grad_bias is not None:
                 grad_bias += grad_logits.float().sum(0)
-            del grad_logits
+            # No name may keep this chunk's (n, V) gradient alive into the next chunk.
+            del grad_logits, h
         ctx.grads = [grad_hidden, grad_weight, grad_bias]
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype

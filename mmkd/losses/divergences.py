@@ -16,7 +16,6 @@ from mmkd.losses._common import (
     kl_to_constant,
     log_mixture,
     reduce,
-    rowdot,
     safe_log_softmax,
     select_tokens,
 )
@@ -141,11 +140,11 @@ class ForwardKL(TokenDivergence):
         self, student_logits: Tensor, teacher_logits: Tensor, owned: bool = False
     ) -> tuple[Tensor, Tensor]:
         # Closed form d KL(p_T‖softmax(z/T)) / dz = (softmax(z/T) − p_T) / T. With owned=True (the chunked path
-        # passes logits it just computed) everything happens in place in the two logits tensors plus p_T:
-        # three (chunk, V) tensors at the peak instead of the dozen autograd would keep.
+        # passes logits it just computed) everything happens in place in the two logits tensors, plus
+        # temporaries of a few rows: two (chunk, V) tensors at the peak instead of the dozen autograd would keep.
         self._check_shapes(student_logits, teacher_logits)
         tau = self.temperature
-        student_inf = bool(student_logits.detach().amin() == float("-inf"))
+        student_inf = student_logits.numel() > 0 and bool(student_logits.detach().amin() == float("-inf"))
         inf_mask = student_logits.detach() == float("-inf") if student_inf else None
         logp = _own_float(student_logits, owned)
         teacher_logp = _own_float(teacher_logits, owned)
@@ -154,20 +153,25 @@ class ForwardKL(TokenDivergence):
             if tau != 1.0:
                 x.div_(tau)
             torch.log_softmax(x, dim=-1, out=x)
-            if bool(x.amin() < LOG_FLOOR):
+            if x.numel() and bool(x.amin() < LOG_FLOOR):
                 x.clamp_(min=LOG_FLOOR)
-        p = teacher_logp.exp()
-        diff = teacher_logp.sub_(logp)
-        values = rowdot(p, diff)
-        del diff, teacher_logp
-        grad = logp.exp_().sub_(p)
-        del p
+        values = torch.empty(logp.shape[:-1], dtype=torch.float32, device=logp.device)
+        for rows in _row_blocks(logp.shape[0], logp.shape[-1]):
+            values[rows] = kl_to_constant(teacher_logp[rows], logp[rows])
+        grad = logp.exp_().sub_(teacher_logp.exp_())
+        del teacher_logp
         if inf_mask is not None:
             grad.masked_fill_(inf_mask, 0.0)  # as autograd through the floor: no gradient at -inf logits
         factor = tau if self.scale_by_t2 else 1.0 / tau
         if factor != 1.0:
             grad.mul_(factor)
         return (values * tau**2 if self.scale_by_t2 else values), grad
+
+
+def _row_blocks(rows: int, width: int, block_bytes: int = 4 << 20) -> list[slice]:
+    """Row slices of a ``(rows, width)`` float32 tensor, about ``block_bytes`` each (for small temporaries)."""
+    step = max(1, block_bytes // (4 * max(width, 1)))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 
 def _own_float(x: Tensor, owned: bool) -> Tensor:

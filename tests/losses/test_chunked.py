@@ -1,3 +1,5 @@
+import weakref
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from mmkd.losses import (
     TopKKL,
     TotalVariation,
     chunked_token_loss,
+    fused_head_loss,
     topk_from_logits,
 )
 
@@ -160,3 +163,21 @@ def test_chunked_with_minus_inf_vocabulary_entries(name):
     assert chunked.item() == pytest.approx(naive.item(), abs=1e-5)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_a_chunk_gradient_is_freed_before_the_next_chunk_starts():
+    # The memory bound of the chunked path rests on this: at most one chunk's (n, V) tensors are alive.
+    (h, w, _), _ = _setup(bias=False)
+    alive = []
+
+    def fn(logits, i, need_grad):
+        assert all(ref() is None for ref in alive), f"chunk {i} starts with an earlier chunk's gradient alive"
+        grad = torch.full_like(logits, 0.5)
+        alive.append(weakref.ref(grad))
+        return logits.sum(), grad
+
+    groups = [slice(i, min(i + 4, N)) for i in range(0, N, 4)]
+    fused_head_loss(h, w, None, groups, fn).backward()
+    assert len(alive) == len(groups)
+    torch.testing.assert_close(w.grad, 0.5 * h.detach().sum(0).expand(V, H))
+    torch.testing.assert_close(h.grad, 0.5 * w.detach().sum(0).expand(N, H))
