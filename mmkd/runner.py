@@ -393,7 +393,8 @@ class Runner:
             trainer.strategy.barrier("mmkd_student_saved")  # other ranks' next stage reads this folder
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                        if torch.is_tensor(v) and v.numel() == 1}
-            data_summary = dict(module.data_stats)
+            data_summary = _sum_over_ranks(module.data_stats)
+            data_summary["counted_from_step"] = int(module.data_stats_from_step)  # > 0 after a resume
             reader_summary = getattr(datamodule.train_dataset, "summary", None)
             if callable(reader_summary):
                 data_summary["reader"] = reader_summary()
@@ -414,6 +415,21 @@ class Runner:
             if isinstance(err, KeyboardInterrupt):
                 raise
             raise RunError(f"stage {name} failed: {message}") from err
+
+
+def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """Per-rank counters summed over all ranks (every rank calls this; one small all-gather)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(counts)
+    gathered: list[dict[str, int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(counts))
+    total: dict[str, int] = {}
+    for part in gathered:
+        for key, value in (part or {}).items():
+            total[key] = total.get(key, 0) + int(value)
+    return total
 
 
 def _one_line(err: BaseException) -> str:

@@ -3,7 +3,9 @@ plus its processor, behind the output contract."""
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,6 +62,7 @@ class ImageTextModel(nn.Module):
         self.processor = processor
         self.compute_dtype = dtype
         self._frozen = False
+        self._anchor_inputs: dict[str, Tensor] | None = None
         # Rows of the LM head exposed in ModelOutput; set by align_vocab so teacher and student logits line up.
         self.vocab_limit: int | None = None
         self._routers = RouterLossCollector.attach(hf, _text_config(hf))
@@ -125,22 +128,28 @@ class ImageTextModel(nn.Module):
         if self._routers is not None:
             self._routers.start()
         base = getattr(self.hf, self.hf.base_model_prefix)
-        anchor = None
-        if (pixel_values is None or pixel_values.shape[0] == 0) and (torch.is_grad_enabled() or _partitioned(self.hf)):
-            # Keeps the vision path in every rank's graph (ZeRO-2 needs equal gradient buckets on all ranks).
-            # ZeRO-3 with such micro-batches still hangs; see docs/distributed.md, "Known limits".
-            anchor = self._vision_anchor(base)
-        out = base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            output_hidden_states=output_hidden_states,
-            use_cache=False,
-            return_dict=True,
-            **kwargs,
-        )
+        handle = None
+        if pixel_values is not None and pixel_values.shape[0] == 0:
+            pixel_values = None
+        if pixel_values is None and (torch.is_grad_enabled() or _partitioned(self.hf)):
+            # Keep the vision path in every rank's graph, at the point an image batch runs it: right after the
+            # token embeddings, inside the model's own forward (see _vision_anchor).
+            handle = base.get_input_embeddings().register_forward_hook(self._anchor_hook(base))
+        try:
+            out = base(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                pixel_values=pixel_values,
+                output_hidden_states=output_hidden_states,
+                use_cache=False,
+                return_dict=True,
+                **kwargs,
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
         aux = self._routers.finish(attention_mask) if self._routers is not None else None
-        last_hidden = out.last_hidden_state if anchor is None else out.last_hidden_state + anchor
+        last_hidden = out.last_hidden_state
         head = self.hf.get_output_embeddings()
         weight, bias = head.weight, head.bias
         if self.vocab_limit is not None:
@@ -156,25 +165,49 @@ class ImageTextModel(nn.Module):
             aux_loss=aux,
         )
 
+    def _anchor_hook(self, base: nn.Module) -> Callable[[nn.Module, Any, Tensor], Tensor]:
+        """A forward hook for the token embeddings that adds :meth:`_vision_anchor` to their output, once."""
+        fired = False
+
+        def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+            nonlocal fired
+            if fired:
+                return output
+            fired = True
+            anchor = self._vision_anchor(base)
+            return output if anchor is None else output + anchor.to(output.dtype)
+
+        return hook
+
     def _vision_anchor(self, base: nn.Module) -> Tensor | None:
         """``0 ×`` the vision path on a blank image, for micro-batches without any image.
 
         Under DDP/ZeRO every rank must run the same graph: a rank whose micro-batch is text-only would otherwise
-        skip the vision tower and projector (ZeRO-2 then reduces gradients of mismatched sizes, ZeRO-3 waits
-        forever for their parameter gathers). Adding this zero keeps those parameters in the graph with zero
-        gradients, on every world size alike, without changing any value. It fixes ZeRO-2; ZeRO-3 still hangs
-        on such micro-batches (open, docs/distributed.md).
+        skip the vision tower and projector. ZeRO-2 then reduces gradient buckets of different sizes. ZeRO-3
+        gathers each module's parameter partitions right before it runs and prefetches the next ones by the
+        module order it traced on the first step, in coalesced all-gathers: the ranks must call the same
+        modules, parents included, in the same order, or their collectives pair up wrongly and wait forever.
+        So this runs from a hook on the token embeddings inside the model's own forward, exactly where an image
+        batch runs the vision tower and projector, and its zero is added to the embeddings: no value changes,
+        the vision parameters get zero gradients, on every world size alike.
         """
         get = getattr(base, "get_image_features", None)
         if get is None:
             return None
-        h, w = self.image_size
+        if self._anchor_inputs is None:  # the model's own processor on a blank image: right keys for any family
+            h, w = self.image_size
+            enc = self.processor.image_processor(images=[Image.new("RGB", (w, h))], return_tensors="pt")
+            self._anchor_inputs = {k: v for k, v in enc.items() if torch.is_tensor(v)}
+        accepted = inspect.signature(get).parameters
         vision_param = next(iter(base.vision_tower.parameters()), None) if hasattr(base, "vision_tower") else None
         device = vision_param.device if vision_param is not None else None
-        dummy = torch.zeros(1, 3, h, w, dtype=self.compute_dtype, device=device)
+        inputs = {k: v.to(device) for k, v in self._anchor_inputs.items() if k in accepted}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.compute_dtype)
         cfg = self.hf.config
-        out = get(pixel_values=dummy, vision_feature_layer=cfg.vision_feature_layer,
-                  vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        for key in ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"):
+            if key in accepted and getattr(cfg, key, None) is not None:
+                inputs[key] = getattr(cfg, key)
+        out = get(**inputs)
         feats = getattr(out, "pooler_output", out)
         if isinstance(feats, (list, tuple)):
             return sum(f.float().sum() for f in feats) * 0.0

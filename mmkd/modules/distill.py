@@ -142,6 +142,10 @@ class DistillModule(L.LightningModule):
         self.stage = stage
         self._pending_rng: dict[str, Tensor] | None = None
         self.data_stats: dict[str, int] = {}  # samples / truncated / skipped, summed over this process's batches
+        self.data_stats_from_step = 0  # the global step data_stats started counting at (after a resume: > 0)
+        self._step_sums: Tensor | None = None  # the loss terms summed over this optimizer step's micro-batches
+        self._step_count = 0
+        self._term_names: list[str] = []
         self._freeze_student()
         if teacher is not None:
             _freeze(teacher)
@@ -235,8 +239,9 @@ class DistillModule(L.LightningModule):
         if _fault("raise", self.stage, self.global_step + 1):
             raise RuntimeError(f"injected failure at step {self.global_step + 1}")
         self._count_data(batch)
-        if self._batch_size(batch) == 0:
-            return None  # every sample of this batch was dropped (and counted) by the collator
+        if self._batch_size(batch) == 0:  # every sample of this batch was dropped (and counted) by the collator
+            self._end_of_micro_batch(batch_idx, batch)
+            return None
         terms = self.compute_losses(batch)
         if _fault("nan", self.stage, self.global_step + 1):
             terms[next(iter(self.weights))] = terms[next(iter(self.weights))] * float("nan")
@@ -246,14 +251,37 @@ class DistillModule(L.LightningModule):
             name, value = next((n, float(v)) for n, v in zip(terms, values.tolist()) if not math.isfinite(v))
             step = self.global_step + 1
             raise NonFiniteLossError(f"stage {self.stage}: loss term {name!r} is {value} at step {step}")
-        steps_done = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
-        if steps_done:
-            self._advance_schedules(terms)
-        if self._should_log(steps_done):
-            bs = self._batch_size(batch)
-            self.log_dict({f"train/{k}": v for k, v in zip(terms, values)}, prog_bar=False, batch_size=bs)
-            self.log("loss", values[list(terms).index("loss")], prog_bar=True, logger=False, batch_size=bs)
+        self._step_sums = values if self._step_sums is None else self._step_sums + values
+        self._step_count += 1
+        self._term_names = list(terms)
+        self._end_of_micro_batch(batch_idx, batch)
         return terms["loss"]
+
+    def _end_of_micro_batch(self, batch_idx: int, batch: Mapping[str, Any]) -> None:
+        """After the last micro-batch of an optimizer step: global means, TAID's update, logging."""
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches or not self._term_names:
+            return
+        means = dict(zip(self._term_names, self._global_step_means().unbind()))
+        self._advance_schedules(means)
+        if self._should_log(True):
+            bs = max(1, self._batch_size(batch))
+            self.log_dict({f"train/{k}": v for k, v in means.items()}, prog_bar=False, batch_size=bs)
+            self.log("loss", means["loss"], prog_bar=True, logger=False, batch_size=bs)
+
+    def _global_step_means(self) -> Tensor:
+        """Each term's mean over the optimizer step's global batch: its micro-batches, on every rank.
+
+        The logged values and TAID's schedule use these, so they do not depend on how the global batch is split
+        over ranks and accumulation (rank 0's last micro-batch alone would be noisier, and TAID's ``t`` would
+        drift apart between ranks). One all-reduce of a few numbers per optimizer step.
+        """
+        sums, count = self._step_sums, self._step_count
+        self._step_sums, self._step_count = None, 0
+        if sums is None:  # every micro-batch of this step was empty here: count nothing, still join the reduce
+            sums = torch.zeros(len(self._term_names), device=self.device)
+        packed = torch.cat([sums, sums.new_tensor([count])])
+        packed = self.trainer.strategy.reduce(packed, reduce_op="sum")
+        return packed[:-1] / packed[-1].clamp(min=1)
 
     def _should_log(self, steps_done: bool) -> bool:
         """Log on the steps the logger writes (and the last one): Lightning's per-call bookkeeping is not free."""
@@ -268,7 +296,8 @@ class DistillModule(L.LightningModule):
             self.data_stats[key] = self.data_stats.get(key, 0) + int(value)
 
     def _advance_schedules(self, terms: Mapping[str, Tensor]) -> None:
-        """Objectives with a schedule driven by their own loss (TAID) advance once per optimizer step."""
+        """Objectives with a schedule driven by their own loss (TAID) advance once per optimizer step, on the
+        term's mean over the global batch (the same value on every rank)."""
         for name, objective in self.objectives.items():
             loss = getattr(objective, "loss", None)
             if hasattr(loss, "step") and callable(loss.step):
@@ -302,6 +331,7 @@ class DistillModule(L.LightningModule):
         self._pending_rng = checkpoint.get("mmkd_rng")
 
     def on_train_start(self) -> None:
+        self.data_stats_from_step = int(self.global_step)
         # Restored here, after Lightning's own set-up has drawn whatever it draws, so the next batch sees
         # exactly the state the interrupted run had after its last checkpointed step.
         if self._pending_rng is not None:

@@ -26,9 +26,10 @@ def caption_data(root: str) -> str:
                        "init_args": {"json_path": f"{root}/sqa/captions.json", "image_folder": f"{root}/sqa/images"}})
 
 
-def fit_args(run_dir: Path, assets: dict, devices: int = 2, strategy: str = "ddp", *extra: str) -> list[str]:
+def fit_args(run_dir: Path, assets: dict, devices: int = 2, strategy: str = "ddp", *extra: str,
+             data: str | None = None) -> list[str]:
     return ["fit", str(RECIPE), "--run-dir", str(run_dir), "--data_root", assets["root"], "--stage", "distill",
-            "--stages.distill.data", caption_data(assets["root"]), "--stages.distill.micro_batch_size", "1",
+            "--stages.distill.data", data or caption_data(assets["root"]), "--stages.distill.micro_batch_size", "1",
             "--trainer.max_steps", str(STEPS), "--trainer.enable_progress_bar", "false",
             "--trainer.devices", str(devices), "--trainer.strategy", strategy, *extra]
 
@@ -45,9 +46,10 @@ def run_env(zero_config: Path | None = None, fault: str | None = None) -> dict:
 
 
 def fit(run_dir: Path, assets: dict, devices: int = 2, strategy: str = "ddp", *extra: str,
-        zero_config: Path | None = None, fault: str | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "mmkd", *fit_args(run_dir, assets, devices, strategy, *extra)]
-    return subprocess.run(cmd, env=run_env(zero_config, fault), capture_output=True, text=True, timeout=600,
+        zero_config: Path | None = None, fault: str | None = None, data: str | None = None,
+        timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mmkd", *fit_args(run_dir, assets, devices, strategy, *extra, data=data)]
+    return subprocess.run(cmd, env=run_env(zero_config, fault), capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT)
 
 

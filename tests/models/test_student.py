@@ -154,3 +154,32 @@ def test_text_only_batch_keeps_the_vision_path_in_the_graph(student: MLLMStudent
     assert all(text_only[n] is None for n in vision - used)
     student.zero_grad(set_to_none=True)
     student.eval()
+
+
+@pytest.mark.parametrize("kind", ["mllm-student", "moe-student", "llava-teacher"])
+def test_text_only_batch_calls_the_same_modules_in_the_same_order(kind, tiny_dirs, tokenizer_dir) -> None:
+    """ZeRO-3 gathers parameters module by module and prefetches by the traced order: a rank with a text-only
+    micro-batch must call exactly the modules, parents included, that a rank with an image calls, in that order.
+    (Qwen2-MoE experts are one module holding every expert, so routing does not change the order.)"""
+    from transformers import AutoTokenizer
+
+    from mmkd.models import LlavaModel
+
+    model = LlavaModel(str(tiny_dirs[kind])) if kind == "llava-teacher" else MLLMStudent.from_pretrained(tiny_dirs[kind])
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = torch.tensor([tok("Which shape is it?")["input_ids"]])
+    image_ids = torch.tensor([[model.image_token_id] * model.num_image_tokens + ids[0].tolist()])
+    h, w = model.image_size
+    calls: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+    handles = [m.register_forward_pre_hook(lambda m, a: calls.append(names[m])) for m in names]
+    orders = []
+    for batch in ({"input_ids": image_ids, "pixel_values": torch.randn(1, 3, h, w)}, {"input_ids": ids}):
+        calls.clear()
+        model(attention_mask=torch.ones_like(batch["input_ids"]), **batch)  # with gradients: the anchor runs
+        orders.append(list(calls))
+    for handle in handles:
+        handle.remove()
+    with_image, text_only = orders
+    assert any("vision_tower" in n for n in with_image) and any("multi_modal_projector" in n for n in with_image)
+    assert text_only == with_image

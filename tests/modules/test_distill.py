@@ -107,3 +107,27 @@ def test_feature_projector_is_trained_and_checkpointed(models, sqa_batch):
     loss = module.compute_losses(sqa_batch)["feature"]
     loss.backward()
     assert all(p.grad is not None for p in projector)
+
+
+def test_logged_terms_and_taid_use_the_mean_over_the_global_batch(models, tiny_assets, tmp_path):
+    """With 2 accumulated micro-batches, train/* and TAID's update see both micro-batches, not the last one."""
+    from mmkd.data import MultimodalCollator, ScienceQA
+
+    teacher, student = (copy.deepcopy(m) for m in models)
+    data = ScienceQA(tiny_assets["sqa"], "train")
+    collate = MultimodalCollator.for_models(student, teacher, max_length=160)
+    batches = [collate([data[i] for i in range(0, 3)]), collate([data[i] for i in range(3, 7)])]
+    module = DistillModule(student, teacher, {"lm": 1.0, "taid": 1.0}, train_parts=["projector"], total_steps=1,
+                           optimizer={"name": "adamw", "lr": 0.0, "weight_decay": 0.0, "betas": (0.9, 0.999),
+                                      "eps": 1e-8})
+    with torch.no_grad():
+        per_batch = [module.compute_losses(b) for b in batches]
+    expected = {k: (float(per_batch[0][k]) + float(per_batch[1][k])) / 2 for k in per_batch[0]}
+    assert abs(float(per_batch[0]["loss"]) - float(per_batch[1]["loss"])) > 1e-3  # the two differ
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2,
+                        default_root_dir=tmp_path)
+    trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    for k in ("lm", "taid", "loss"):
+        assert float(trainer.callback_metrics[f"train/{k}"]) == pytest.approx(expected[k], rel=1e-5)
+    assert float(module.objectives["taid"].loss.prev_loss) == pytest.approx(expected["taid"], rel=1e-5)

@@ -1,0 +1,62 @@
+"""Micro-batches without any image on one rank while the other rank has one, under DDP, ZeRO-2 and ZeRO-3.
+
+The data is two conversations, one with an image and one text-only, with a global batch of 2 and a micro-batch
+of 1: with two processes every step gives one rank the image sample and the other the text-only one, whatever
+the shuffle. Under ZeRO-3 (every parameter partitioned) this used to hang: the text-only rank called the vision
+modules in another order than the image rank, so their parameter gathers paired up wrongly.
+"""
+
+import json
+import subprocess
+
+import pytest
+from dist_helpers import STEPS, fit, manifest, student
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tiny_assets, tmp_path_factory) -> str:
+    root = tiny_assets["root"]
+    with open(f"{root}/sqa/captions.json") as f:
+        with_image = json.load(f)[0]
+    text_only = {"id": "text-only", "conversations": [
+        {"from": "human", "value": "Which is a primary colour: green or red?"}, {"from": "gpt", "value": "red"}]}
+    path = tmp_path_factory.mktemp("mixed") / "mixed.json"
+    path.write_text(json.dumps([with_image, text_only]))
+    return json.dumps({"class_path": "mmkd.data.LlavaConversations",
+                       "init_args": {"json_path": str(path), "image_folder": f"{root}/sqa/images"}})
+
+
+def _run(tmp_path_factory, name, tiny_assets, mixed_data, devices, strategy, zero_config=None):
+    run = tmp_path_factory.mktemp(name) / "run"
+    try:
+        proc = fit(run, tiny_assets, devices, strategy, "--stages.distill.batch_size", "2", data=mixed_data,
+                   zero_config=zero_config, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{strategy} with a text-only rank did not finish in 300 s (hang)")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert manifest(run)["stages"]["distill"]["global_step"] == STEPS
+    return run
+
+
+@pytest.fixture(scope="module")
+def mixed_single(tmp_path_factory, tiny_assets, mixed_data):
+    return _run(tmp_path_factory, "mixed-single", tiny_assets, mixed_data, 1, "auto")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_2", "deepspeed_stage_3"])
+def test_a_text_only_rank_runs_and_matches_one_process(strategy, mixed_single, tmp_path_factory, tiny_assets,
+                                                       mixed_data, zero_config):
+    config = None if strategy == "ddp" else zero_config
+    run = _run(tmp_path_factory, f"mixed-{strategy}", tiny_assets, mixed_data, 2, strategy, config)
+    ours, ref = student(run), student(mixed_single)
+    assert ours.keys() == ref.keys()
+    # The same two samples per step, one per rank against both accumulated in one process.
+    worst = max(float((ours[k].float() - ref[k].float()).abs().max()) for k in ref)
+    assert worst < 2e-5, f"{strategy}: max |w - w_single| = {worst}"
+    # The manifest reports the global batch, not rank 0's half of it: samples over all ranks, and each loss
+    # term's mean over the last step's global batch.
+    got, want = manifest(run)["stages"]["distill"], manifest(mixed_single)["stages"]["distill"]
+    assert got["data"]["samples"] == want["data"]["samples"] == 2 * STEPS
+    assert got["data"]["counted_from_step"] == 0
+    for key in ("train/lm", "train/kl", "train/loss"):
+        assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-4), key
