@@ -31,32 +31,46 @@ class TeacherSide:
 
     Attributes:
         tokenizer: The teacher's tokenizer (same vocabulary as the student's for token-level distillation).
-        image_processor: ``list[Image] -> (N, 3, H, W)`` for the teacher.
-        num_image_tokens: Visual tokens per image in the teacher's sequence.
+        image_processor: ``list[Image] -> (N, 3, H, W)`` pixel values, or a dict of image inputs
+            (``pixel_values``, ``image_sizes``, ...), for the teacher.
+        num_image_tokens: Visual tokens per image in the teacher's sequence (nominal, for any-resolution ones).
         image_token: The teacher's image placeholder token.
-        max_length: The teacher's maximum length; default: the student's plus the extra visual tokens.
+        max_length: The teacher's maximum length; default: the student's plus the sample's extra visual tokens.
+        image_token_count: ``Image -> int``: visual tokens of that image, for teachers whose count depends on
+            the image (any-resolution tiling); default: ``num_image_tokens`` for every image.
     """
 
     tokenizer: PreTrainedTokenizerBase
-    image_processor: Callable[[list[Image.Image]], Tensor]
+    image_processor: Callable[[list[Image.Image]], Tensor | dict[str, Tensor]]
     num_image_tokens: int
     image_token: str = IMAGE_PLACEHOLDER
     max_length: int | None = None
+    image_token_count: Callable[[Image.Image], int] | None = None
 
     @classmethod
     def from_model(cls, model: Any) -> TeacherSide:
-        """From a model exposing ``tokenizer``, ``preprocess_images``, ``num_image_tokens`` and ``image_token``."""
-        return cls(model.tokenizer, model.preprocess_images, model.num_image_tokens, model.image_token)
+        """From a model exposing ``tokenizer``, ``image_inputs`` (or ``preprocess_images``), ``num_image_tokens``,
+        ``image_token`` and optionally ``image_token_count`` (per-image counts of any-resolution families)."""
+        return cls(model.tokenizer, _image_fn(model), model.num_image_tokens, model.image_token,
+                   image_token_count=getattr(model, "image_token_count", None))
 
 
 class _Side:
     """Tokenization of one side (student or teacher): template, image token, padding id, special prefix."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_token: str, num_image_tokens: int, max_length: int):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        image_token: str,
+        num_image_tokens: int,
+        max_length: int | None,
+        image_token_count: Callable[[Image.Image], int] | None = None,
+    ):
         self.tok = tokenizer
         self.image_token = image_token
         self.num_image_tokens = num_image_tokens
-        self.max_length = max_length
+        self.max_length = max_length  # None: the student's plus this sample's extra visual tokens (teacher only)
+        self.image_token_count = image_token_count
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         ids = tokenizer(image_token, add_special_tokens=False).input_ids
         if len(ids) != 1:
@@ -98,8 +112,14 @@ class _Side:
             for m in messages
         ]
 
-    def _expand(self, ids: list[int], labels: list[int], n_images: int, rid: str) -> tuple[list[int], list[int]]:
-        found = ids.count(self.image_token_id)
+    def counts(self, images: Sequence[Image.Image]) -> list[int]:
+        """Visual tokens per image on this side."""
+        if self.image_token_count is None:
+            return [self.num_image_tokens] * len(images)
+        return [int(self.image_token_count(im)) for im in images]
+
+    def _expand(self, ids: list[int], labels: list[int], counts: list[int], rid: str) -> tuple[list[int], list[int]]:
+        found, n_images = ids.count(self.image_token_id), len(counts)
         if found != n_images:
             raise ValueError(
                 f"record '{rid}': {found} '{self.image_token}' tokens after templating but {n_images} images"
@@ -108,16 +128,18 @@ class _Side:
             return ids, labels
         out_ids: list[int] = []
         out_labels: list[int] = []
+        image = 0
         for i, lab in zip(ids, labels):
             if i == self.image_token_id:
-                out_ids.extend([i] * self.num_image_tokens)
-                out_labels.extend([IGNORE_INDEX] * self.num_image_tokens)
+                out_ids.extend([i] * counts[image])
+                out_labels.extend([IGNORE_INDEX] * counts[image])
+                image += 1
             else:
                 out_ids.append(i)
                 out_labels.append(lab)
         return out_ids, out_labels
 
-    def encode_train(self, messages: list[dict[str, str]], n_images: int, rid: str) -> tuple[list[int], list[int]]:
+    def encode_train(self, messages: list[dict[str, str]], counts: list[int], rid: str) -> tuple[list[int], list[int]]:
         """Untruncated ``(input_ids, labels)`` of a whole conversation."""
         messages = self._messages(messages)
         full = self.render(messages, False)
@@ -138,14 +160,14 @@ class _Side:
             i if e > s and any(s < hi and e > lo for lo, hi in spans) else IGNORE_INDEX
             for i, (s, e) in zip(ids, offsets)
         ]
-        return self._expand(ids, labels, n_images, rid)
+        return self._expand(ids, labels, counts, rid)
 
-    def encode_prompt(self, messages: list[dict[str, str]], n_images: int, rid: str) -> list[int]:
+    def encode_prompt(self, messages: list[dict[str, str]], counts: list[int], rid: str) -> list[int]:
         """``input_ids`` of the generation prompt: every turn but a final assistant one, plus the assistant header."""
         if messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         ids, _ = self._tokenize(self.render(self._messages(messages), True), with_offsets=False)
-        return self._expand(ids, [IGNORE_INDEX] * len(ids), n_images, rid)[0]
+        return self._expand(ids, [IGNORE_INDEX] * len(ids), counts, rid)[0]
 
 
 def _cut_after_answers(labels: list[int], keep: int) -> int:
@@ -217,9 +239,8 @@ class MultimodalCollator:
         self.teacher_side = None
         self.teacher_processor = None
         if teacher is not None:
-            extra = max(0, teacher.num_image_tokens - num_image_tokens)
-            t_max = teacher.max_length if teacher.max_length is not None else max_length + extra
-            self.teacher_side = _Side(teacher.tokenizer, teacher.image_token, teacher.num_image_tokens, t_max)
+            self.teacher_side = _Side(teacher.tokenizer, teacher.image_token, teacher.num_image_tokens,
+                                      teacher.max_length, teacher.image_token_count)
             self.teacher_processor = teacher.image_processor
         self.train = train
         self.on_overflow = on_overflow
@@ -236,7 +257,7 @@ class MultimodalCollator:
             side = TeacherSide.from_model(teacher)
         return cls(
             student.tokenizer,
-            image_processor=student.preprocess_images,
+            image_processor=_image_fn(student),
             num_image_tokens=student.num_image_tokens,
             image_token=student.image_token,
             teacher=side,
@@ -249,18 +270,23 @@ class MultimodalCollator:
         """Token lists of one record: ``input_ids`` and ``labels`` (train) per side (``teacher_`` prefixed), or
         ``None`` when the sample is skipped for length. Counts truncation/skips in ``self._batch_stats``."""
         messages = record["messages"] if messages is None else messages
-        rid, n_images = str(record.get("id", "?")), len(record.get("images", []))
+        rid, images = str(record.get("id", "?")), record.get("images", [])
         sides = [("", self.student)] + ([("teacher_", self.teacher_side)] if self.teacher_side else [])
+        counts = {prefix: side.counts(images) for prefix, side in sides}
+        # The teacher's limit, unless set: the student's plus the extra visual tokens of this very sample.
+        limits = {prefix: side.max_length if side.max_length is not None
+                  else self.student.max_length + max(0, sum(counts[prefix]) - sum(counts[""]))
+                  for prefix, side in sides}
         if not self.train:
             out = {}
             for prefix, side in sides:
-                ids = side.encode_prompt(messages, n_images, rid)
-                if len(ids) > side.max_length:
+                ids = side.encode_prompt(messages, counts[prefix], rid)
+                if len(ids) > limits[prefix]:
                     self._batch_stats["skipped_overflow"] += 1
                     return None
                 out[prefix + "input_ids"] = ids
             return out
-        encoded = {prefix: side.encode_train(messages, n_images, rid) for prefix, side in sides}
+        encoded = {prefix: side.encode_train(messages, counts[prefix], rid) for prefix, side in sides}
         n_answer = [sum(lab != IGNORE_INDEX for lab in labels) for _, labels in encoded.values()]
         if not any(n_answer):
             raise ValueError(f"record '{rid}': no answer tokens; expected at least one assistant turn with text")
@@ -271,15 +297,14 @@ class MultimodalCollator:
                     f"record '{rid}': student and teacher tokenize the answer differently; token-level distillation"
                     " needs a shared vocabulary"
                 )
-        too_long = [len(ids) > side.max_length for (_, side), (ids, _) in zip(sides, encoded.values())]
+        too_long = [len(ids) > limits[prefix] for prefix, (ids, _) in encoded.items()]
         if any(too_long):
             if self.on_overflow == "skip":
                 self._batch_stats["skipped_overflow"] += 1
                 return None
             # Keep the same first k answer tokens on both sides: k = what the tighter side can hold.
             keep = min(
-                sum(lab != IGNORE_INDEX for lab in labels[: side.max_length])
-                for (_, side), (_, labels) in zip(sides, encoded.values())
+                sum(lab != IGNORE_INDEX for lab in labels[: limits[prefix]]) for prefix, (_, labels) in encoded.items()
             )
             if keep == 0:
                 self._batch_stats["skipped_overflow"] += 1
@@ -331,9 +356,9 @@ class MultimodalCollator:
             batch.update(self._tensors(rows, "teacher_", self.teacher_side))
         images = [im for r in kept for im in r.get("images", [])]
         if images:
-            batch["pixel_values"] = self.image_processor(images)
+            batch.update(_image_batch(self.image_processor(images)))
             if self.teacher_processor is not None:
-                batch["teacher_pixel_values"] = self.teacher_processor(images)
+                batch.update(_image_batch(self.teacher_processor(images), "teacher_"))
         if not self.train:
             batch["ids"] = [str(r.get("id")) for r in kept]
         self._finish_stats(batch)
@@ -374,18 +399,18 @@ class PreferenceCollator(MultimodalCollator):
         self._batch_stats["samples"] = len(kept)
         batch: dict[str, Any] = {}
         images = [im for r in kept for im in r.get("images", [])]
-        pixels = self.image_processor(images) if images else None
-        t_pixels = self.teacher_processor(images) if images and self.teacher_processor is not None else None
+        pixels = _image_batch(self.image_processor(images)) if images else {}
+        t_pixels = _image_batch(self.teacher_processor(images)) if images and self.teacher_processor else {}
         for name, side_rows in rows.items():
             for k, v in self._tensors(side_rows, "", self.student).items():
                 batch[f"{name}_{k}"] = v
-            if pixels is not None:
-                batch[f"{name}_pixel_values"] = pixels
+            for k, v in pixels.items():
+                batch[f"{name}_{k}"] = v
             if self.teacher_side is not None:
                 for k, v in self._tensors(side_rows, "teacher_", self.teacher_side).items():
                     batch[f"teacher_{name}_{k.removeprefix('teacher_')}"] = v
-                if t_pixels is not None:
-                    batch[f"teacher_{name}_pixel_values"] = t_pixels
+                for k, v in t_pixels.items():
+                    batch[f"teacher_{name}_{k}"] = v
         self._finish_stats(batch)
         return batch
 
@@ -397,6 +422,23 @@ def _same_inputs(student: Any, teacher: Any) -> bool:
     s_tok, t_tok = student.tokenizer, teacher.tokenizer
     if s_tok is not t_tok and (s_tok.get_vocab() != t_tok.get_vocab() or s_tok.chat_template != t_tok.chat_template):
         return False
-    probe = [Image.new("RGB", (17, 13), (90, 160, 30))]
-    a, b = student.preprocess_images(probe), teacher.preprocess_images(probe)
-    return a.shape == b.shape and torch.equal(a, b)
+    probe = [Image.new("RGB", (17, 13), (90, 160, 30)), Image.new("RGB", (61, 29), (20, 40, 200))]
+    counts = [getattr(m, "image_token_count", lambda im, m=m: m.num_image_tokens) for m in (student, teacher)]
+    if any(counts[0](im) != counts[1](im) for im in probe):
+        return False
+    a, b = (_image_batch(_image_fn(m)(probe)) for m in (student, teacher))
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+
+IMAGE_INPUT_KEYS = ("pixel_values", "image_sizes", "batch_num_images")
+"""Batch keys of image inputs a model's forward takes (``teacher_`` prefixed for the teacher's own)."""
+
+
+def _image_fn(model: Any) -> Callable[[list[Image.Image]], Tensor | dict[str, Tensor]]:
+    return getattr(model, "image_inputs", None) or model.preprocess_images
+
+
+def _image_batch(out: Tensor | dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+    """An image processor's output as batch entries: a tensor is ``pixel_values``; a dict keeps its keys."""
+    items = out.items() if isinstance(out, dict) else [("pixel_values", out)]
+    return {prefix + k: v for k, v in items if k in IMAGE_INPUT_KEYS}

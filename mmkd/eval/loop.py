@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from mmkd.data.collate import MultimodalCollator
+from mmkd.data.collate import IMAGE_INPUT_KEYS, MultimodalCollator
 from mmkd.eval.answer_key import KeyedQuestion, key_from_record
 from mmkd.eval.answers import AnswerWriter
 from mmkd.eval.metric import ScienceQAAccuracy
@@ -119,7 +119,7 @@ def _answer_file_prompt(record: dict[str, Any]) -> str:
 
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
-    keys = ("input_ids", "attention_mask", "pixel_values")
+    keys = ("input_ids", "attention_mask", *IMAGE_INPUT_KEYS)
     return {k: batch[k].to(device) for k in keys if isinstance(batch.get(k), Tensor)}
 
 

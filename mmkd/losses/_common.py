@@ -153,18 +153,18 @@ def visual_groups(
     Args:
         visual_mask: ``(B, T)`` bool, the student's visual-token positions.
         teacher_visual_mask: ``(B, T')`` bool.
-        tokens_per_image: Student visual tokens per image (``vision_features.shape[1]``), or None.
+        tokens_per_image: Student visual tokens per image (``vision_features.shape[1]``), or None when
+            unknown or different per image.
         teacher_tokens_per_image: Teacher visual tokens per image, or None.
 
     Returns:
         One ``(sample, student_positions (n,), teacher_positions (n',))`` per image; samples without images
-        give nothing. Without per-image token counts each sample's visual positions form one group.
+        give nothing. Without per-image token counts on either side each sample's visual positions form one
+        group; with a count on one side only, the other side's images are its runs of consecutive positions.
 
     Raises:
         ValueError: When a sample has visual tokens on one side only, or a different number of images per side.
     """
-    if (tokens_per_image is None) != (teacher_tokens_per_image is None):
-        raise ValueError("tokens_per_image and teacher_tokens_per_image must be given together")
     groups: list[tuple[int, Tensor, Tensor]] = []
     for b in range(visual_mask.shape[0]):
         pos = visual_mask[b].nonzero().flatten()
@@ -174,19 +174,26 @@ def visual_groups(
             continue
         if n == 0 or nt == 0:
             raise ValueError(f"sample {b}: student has {n} visual tokens but teacher has {nt}; both need the image")
-        if tokens_per_image is None:
+        if tokens_per_image is None and teacher_tokens_per_image is None:
             groups.append((b, pos, teacher_pos))
             continue
-        if n % tokens_per_image or nt % teacher_tokens_per_image:
-            raise ValueError(
-                f"sample {b}: {n} student / {nt} teacher visual tokens are not whole images of "
-                f"{tokens_per_image} / {teacher_tokens_per_image} tokens"
-            )
-        images, teacher_images = n // tokens_per_image, nt // teacher_tokens_per_image
-        if images != teacher_images:
-            raise ValueError(f"sample {b}: student sees {images} images but teacher sees {teacher_images}")
-        groups.extend(zip([b] * images, pos.split(tokens_per_image), teacher_pos.split(teacher_tokens_per_image)))
+        images = _split_images(pos, tokens_per_image, b, "student")
+        teacher_images = _split_images(teacher_pos, teacher_tokens_per_image, b, "teacher")
+        if len(images) != len(teacher_images):
+            raise ValueError(f"sample {b}: student sees {len(images)} images but teacher sees {len(teacher_images)}")
+        groups.extend(zip([b] * len(images), images, teacher_images))
     return groups
+
+
+def _split_images(pos: Tensor, per_image: int | None, sample: int, side: str) -> list[Tensor]:
+    """One sample's visual positions split per image: in blocks of ``per_image``, or, when a side's count varies
+    per image (any-resolution tiling), into runs of consecutive positions (images separated by text)."""
+    if per_image is None:
+        breaks = ((pos[1:] - pos[:-1]) != 1).nonzero().flatten() + 1
+        return list(pos.tensor_split(breaks.tolist()))
+    if pos.numel() % per_image:
+        raise ValueError(f"sample {sample}: {pos.numel()} {side} visual tokens are not whole images of {per_image}")
+    return list(pos.split(per_image))
 
 
 def pool_tokens(x: Tensor, length: int) -> Tensor:

@@ -75,6 +75,9 @@ class ImageTextModel(nn.Module):
             cfg_id = getattr(hf.config, "image_token_index", None)
         self.image_token_id: int = int(cfg_id if cfg_id is not None else tok.convert_tokens_to_ids(self.image_token))
         self.num_image_tokens: int = self._count_image_tokens()
+        # Families whose image processor reports image sizes tile images at any resolution: per-image counts.
+        probe = self.processor.image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")
+        self._fixed_image_tokens = "image_sizes" not in probe
         if gradient_checkpointing:
             self.gradient_checkpointing_enable()
 
@@ -238,6 +241,32 @@ class ImageTextModel(nn.Module):
         prompt_len = kwargs["input_ids"].shape[1]
         out = self.hf.generate(max_new_tokens=max_new_tokens, **kwargs)
         return out[:, prompt_len:]
+
+    def image_inputs(self, images: list[Image.Image]) -> dict[str, Tensor]:
+        """The model's image inputs for ``images`` (in batch order), from its own image processor.
+
+        ``{"pixel_values": (N, 3, H, W)}`` for fixed-resolution families; any-resolution families (LLaVA-NeXT,
+        LLaVA-OneVision) add what their forward needs, e.g. ``image_sizes (N, 2)``, and their ``pixel_values``
+        hold the patches of each image.
+        """
+        if not images:
+            return {}
+        enc = self.processor.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        return {k: v for k, v in enc.items() if isinstance(v, Tensor)}
+
+    def image_token_count(self, image: Image.Image) -> int:
+        """Visual tokens this model's sequence holds for ``image``: its processor's own count.
+
+        Fixed-resolution families always give :attr:`num_image_tokens`; any-resolution ones depend on the
+        image's size (asked through the processor's token arithmetic, else by running it on the image).
+        """
+        if self._fixed_image_tokens:
+            return self.num_image_tokens
+        count = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        if count is not None:
+            return int(count(image_sizes=[(image.height, image.width)])["num_image_tokens"][0])
+        enc = self.processor(text=self.image_token, images=[image.convert("RGB")], return_tensors="pt")
+        return int((enc["input_ids"] == self.image_token_id).sum())
 
     def preprocess_images(self, images: list[Image.Image]) -> Tensor:
         """PIL images to ``(N, 3, H, W)`` pixel values with this model's own image processor."""

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM
 
-KINDS = ("llava-teacher", "mllm-student", "moe-student", "clip-teacher", "clip-student")
+KINDS = ("llava-teacher", "onevision-teacher", "mllm-student", "moe-student", "clip-teacher", "clip-student")
 
 # Per-kind default sizes; any of them can be overridden through build_tiny(**sizes).
 _SIZES: dict[str, dict[str, Any]] = {
@@ -79,6 +79,10 @@ _SIZES: dict[str, dict[str, Any]] = {
     },
 }
 
+# LLaVA-OneVision layout (SigLIP tower, any-resolution tiling on a grid of 32-pixel tiles up to 64x64), sized as the
+# LLaVA teacher: its visual-token count depends on each image's size, as the paper recipes' teacher's does.
+_SIZES["onevision-teacher"] = dict(_SIZES["llava-teacher"])
+
 
 def tiny_clip_config(**sizes: Any) -> dict[str, Any]:
     """An open_clip model config (the ``model_cfg`` of ``open_clip_config.json``) for a tiny ViT CLIP."""
@@ -141,7 +145,8 @@ def build_tiny(kind: str, out_dir: str, *, tokenizer: str, seed: int = 0, **size
     """Write a tiny random model of ``kind`` to ``out_dir`` and return the folder.
 
     Args:
-        kind: One of ``llava-teacher``, ``mllm-student``, ``moe-student``, ``clip-teacher``, ``clip-student``.
+        kind: One of ``llava-teacher``, ``onevision-teacher``, ``mllm-student``, ``moe-student``, ``clip-teacher``,
+            ``clip-student``.
         out_dir: Folder to write (created).
         tokenizer: Tokenizer folder with an ``<image>`` token, shared by teacher and students (CLIP kinds use
             open_clip's own tokenizer and ignore it).
@@ -149,7 +154,7 @@ def build_tiny(kind: str, out_dir: str, *, tokenizer: str, seed: int = 0, **size
         **sizes: Overrides of the kind's default sizes (``hidden``, ``layers``, ``image_size``, ``num_experts``...).
 
     Returns:
-        ``Path(out_dir)``, loadable by ``LlavaModel`` (llava-teacher), ``MLLMStudent.from_pretrained``
+        ``Path(out_dir)``, loadable by ``LlavaModel`` (the teachers), ``MLLMStudent.from_pretrained``
         (students; also by ``LlavaModel``) or ``CLIPModel`` (clip kinds).
     """
     if kind not in KINDS:
@@ -170,6 +175,9 @@ def build_tiny(kind: str, out_dir: str, *, tokenizer: str, seed: int = 0, **size
         cfg_path.unlink()
         model.save_pretrained(out)
         return out
+    if kind == "onevision-teacher":
+        _write_onevision(out, tokenizer, s)
+        return out
     from mmkd.models.student import MLLMStudent
 
     with tempfile.TemporaryDirectory(prefix="mmkd-tiny-") as tmp:
@@ -183,3 +191,57 @@ def build_tiny(kind: str, out_dir: str, *, tokenizer: str, seed: int = 0, **size
                 gate.weight.normal_(0.0, 0.5)
     student.save_pretrained(out)
     return out
+
+
+def _write_onevision(out: Path, tokenizer: str, s: dict[str, Any]) -> None:
+    """A random LLaVA-OneVision model (SigLIP tower + Qwen2 LM) and its processor, written to ``out``."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        SiglipVisionConfig,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    edge = s["image_size"]
+    grid = [[edge * a, edge * b] for a in (1, 2) for b in (1, 2)]
+    vision = SiglipVisionConfig(
+        hidden_size=s["vision_hidden"],
+        intermediate_size=4 * s["vision_hidden"],
+        num_hidden_layers=s["vision_layers"],
+        num_attention_heads=s["heads"],
+        image_size=edge,
+        patch_size=s["patch_size"],
+    )
+    text = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=s["hidden"],
+        intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"],
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=grid,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    LlavaOnevisionForConditionalGeneration(config).save_pretrained(out)
+    size = {"height": edge, "width": edge}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, crop_size=size, image_grid_pinpoints=grid),
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        tokenizer=tok,
+        num_image_tokens=(edge // s["patch_size"]) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=tok.chat_template,
+    )
+    processor.save_pretrained(out)

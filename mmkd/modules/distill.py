@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mmkd.data.collate import IMAGE_INPUT_KEYS
 from mmkd.modules.objectives import TEACHER_FREE, build_objective
 
 __all__ = ["DistillModule", "NonFiniteLossError", "build_optimizer", "warmup_schedule"]
@@ -28,7 +29,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _split_inputs(batch: Mapping[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
-    keys = ("input_ids", "attention_mask", "pixel_values")
+    keys = ("input_ids", "attention_mask", *IMAGE_INPUT_KEYS)
     out = {k: batch[prefix + k] for k in keys if prefix + k in batch}
     if prefix and "input_ids" not in out:  # the teacher shares the student's inputs
         out = {k: batch[k] for k in keys if k in batch}

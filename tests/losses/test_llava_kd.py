@@ -146,3 +146,21 @@ def test_rdist_from_outputs_on_logits_matches_explicit_logits():
               T_IMG).item(), rel=1e-6)
     empty, teacher0, _, _ = _outputs(images=(0, 0))
     assert rdist.from_outputs(empty, teacher0).item() == 0.0
+
+
+def test_visual_groups_with_a_per_image_count_on_one_side_only():
+    """Any-resolution teachers have no fixed count: their images are the runs of consecutive visual positions."""
+    from mmkd.losses._common import visual_groups
+
+    student = torch.zeros(2, 12, dtype=torch.bool)
+    student[0, 1:3] = student[0, 4:6] = True  # two images of 2 tokens, text between
+    student[1, 0:2] = True
+    teacher = torch.zeros(2, 20, dtype=torch.bool)
+    teacher[0, 1:6] = teacher[0, 7:10] = True  # 5 and 3 tokens
+    teacher[1, 2:9] = True
+    groups = visual_groups(student, teacher, 2, None)
+    assert [(b, s.tolist(), t.tolist()) for b, s, t in groups] == [
+        (0, [1, 2], [1, 2, 3, 4, 5]), (0, [4, 5], [7, 8, 9]), (1, [0, 1], [2, 3, 4, 5, 6, 7, 8])]
+    teacher[0, 6] = True  # the teacher's two images now touch: one run against two student images
+    with pytest.raises(ValueError, match="sample 0: student sees 2 images but teacher sees 1"):
+        visual_groups(student, teacher, 2, None)

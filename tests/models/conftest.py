@@ -28,7 +28,7 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: str) -> dict[str, Path]:
     """One folder per preset kind, written by save_pretrained."""
     root = tmp_path_factory.mktemp("tiny")
-    kinds = ("llava-teacher", "mllm-student", "moe-student", "clip-teacher", "clip-student")
+    kinds = ("llava-teacher", "mllm-student", "moe-student", "clip-teacher", "clip-student", "onevision-teacher")
     return {k: build_tiny(k, str(root / k), tokenizer=tokenizer_dir, seed=i) for i, k in enumerate(kinds)}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
 from mmkd.models import CLIPModel, MLLMStudent, ModelNotFoundError
@@ -156,7 +157,7 @@ def test_text_only_batch_keeps_the_vision_path_in_the_graph(student: MLLMStudent
     student.eval()
 
 
-@pytest.mark.parametrize("kind", ["mllm-student", "moe-student", "llava-teacher"])
+@pytest.mark.parametrize("kind", ["mllm-student", "moe-student", "llava-teacher", "onevision-teacher"])
 def test_text_only_batch_calls_the_same_modules_in_the_same_order(kind, tiny_dirs, tokenizer_dir) -> None:
     """ZeRO-3 gathers parameters module by module and prefetches by the traced order: a rank with a text-only
     micro-batch must call exactly the modules, parents included, that a rank with an image calls, in that order.
@@ -165,16 +166,18 @@ def test_text_only_batch_calls_the_same_modules_in_the_same_order(kind, tiny_dir
 
     from mmkd.models import LlavaModel
 
-    model = LlavaModel(str(tiny_dirs[kind])) if kind == "llava-teacher" else MLLMStudent.from_pretrained(tiny_dirs[kind])
+    teacher = kind.endswith("teacher")
+    model = LlavaModel(str(tiny_dirs[kind])) if teacher else MLLMStudent.from_pretrained(tiny_dirs[kind])
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     ids = torch.tensor([tok("Which shape is it?")["input_ids"]])
-    image_ids = torch.tensor([[model.image_token_id] * model.num_image_tokens + ids[0].tolist()])
     h, w = model.image_size
+    image = Image.new("RGB", (w, h), (200, 30, 90))
+    image_ids = torch.tensor([[model.image_token_id] * model.image_token_count(image) + ids[0].tolist()])
     calls: list[str] = []
     names = {m: n for n, m in model.named_modules()}
     handles = [m.register_forward_pre_hook(lambda m, a: calls.append(names[m])) for m in names]
     orders = []
-    for batch in ({"input_ids": image_ids, "pixel_values": torch.randn(1, 3, h, w)}, {"input_ids": ids}):
+    for batch in ({"input_ids": image_ids, **model.image_inputs([image])}, {"input_ids": ids}):
         calls.clear()
         model(attention_mask=torch.ones_like(batch["input_ids"]), **batch)  # with gradients: the anchor runs
         orders.append(list(calls))
