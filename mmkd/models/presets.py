@@ -122,24 +122,26 @@ def _write_parts(tmp: Path, tokenizer: str, s: dict[str, Any]) -> tuple[str, str
     )
     vision.save_pretrained(tmp / "vision")
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    lm = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(tok),
-            hidden_size=s["hidden"],
-            intermediate_size=s["intermediate"],
-            num_hidden_layers=s["layers"],
-            num_attention_heads=s["heads"],
-            num_key_value_heads=s["kv_heads"],
-            max_position_embeddings=512,
-            tie_word_embeddings=s.get("tie", False),
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            bos_token_id=tok.bos_token_id,
-        )
-    )
+    lm = Qwen2ForCausalLM(_qwen2_config(tok, s, 512))
     lm.save_pretrained(tmp / "lm")
     return str(tmp / "vision"), str(tmp / "lm")
 
+
+def _qwen2_config(tok: Any, s: dict[str, Any], max_positions: int) -> Qwen2Config:
+    """A tiny Qwen2 LM config sized by ``s`` for tokenizer ``tok``."""
+    return Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=s["hidden"],
+        intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"],
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=s.get("tie", False),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
 
 def build_tiny(kind: str, out_dir: str, *, tokenizer: str, seed: int = 0, **sizes: Any) -> Path:
     """Write a tiny random model of ``kind`` to ``out_dir`` and return the folder.
@@ -215,17 +217,7 @@ def _write_onevision(out: Path, tokenizer: str, s: dict[str, Any]) -> None:
         image_size=edge,
         patch_size=s["patch_size"],
     )
-    text = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=s["hidden"],
-        intermediate_size=s["intermediate"],
-        num_hidden_layers=s["layers"],
-        num_attention_heads=s["heads"],
-        num_key_value_heads=s["kv_heads"],
-        max_position_embeddings=1024,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    text = _qwen2_config(tok, s, 1024)
     config = LlavaOnevisionConfig(
         vision_config=vision,
         text_config=text,
