@@ -27,8 +27,18 @@ def test_every_recipe_parses(path):
         assert recipe.stage(name)["train"] and recipe.stage(name)["objectives"]
 
 
-def _tiny_overrides(recipe_path: Path, assets: dict, run_dir: Path) -> list[str]:
-    """Swap in tiny models and data; keep stages, objectives, transforms and schedules."""
+@pytest.fixture(scope="module")
+def onevision_teacher(tiny_assets, tmp_path_factory) -> str:
+    """A tiny LLaVA-OneVision teacher (any-resolution tiling), the family of the paper recipes' teacher."""
+    from mmkd.models.presets import build_tiny
+
+    out = tmp_path_factory.mktemp("onevision") / "teacher"
+    return str(build_tiny("onevision-teacher", str(out), tokenizer=tiny_assets["tokenizer"], seed=3))
+
+
+def _tiny_overrides(recipe_path: Path, assets: dict, run_dir: Path, onevision: str | None = None) -> list[str]:
+    """Swap in tiny models (a teacher of the recipe's family) and data; keep stages, objectives, transforms and
+    schedules."""
     recipe = load_recipe(recipe_path)
     sqa = assets["sqa"]
     data = {
@@ -50,8 +60,9 @@ def _tiny_overrides(recipe_path: Path, assets: dict, run_dir: Path) -> list[str]
                  "--student", json.dumps({"class_path": "mmkd.models.CLIPModel",
                                           "init_args": {"arch": str(models / "clip-student")}})]
     else:
-        args += ["--teacher", json.dumps({"class_path": "mmkd.models.LlavaModel",
-                                          "init_args": {"path": assets["teacher"]}}),
+        teacher = recipe.config["teacher"]["init_args"]["path"]
+        teacher = onevision if onevision and "onevision" in teacher else assets["teacher"]
+        args += ["--teacher", json.dumps({"class_path": "mmkd.models.LlavaModel", "init_args": {"path": teacher}}),
                  "--student", json.dumps({"class_path": "mmkd.models.MLLMStudent",
                                           "init_args": {"vision": assets["student_vision"],
                                                         "language_model": assets["student_lm"],
@@ -68,14 +79,14 @@ PAPER = ["llava_kd.yaml", "llava_mod.yaml", "taid.yaml", "clip_kd.yaml"]
 
 
 @pytest.mark.parametrize("name", PAPER)
-def test_paper_recipe_runs_two_steps_per_stage_with_tiny_models(name, tiny_assets, tmp_path):
+def test_paper_recipe_runs_two_steps_per_stage_with_tiny_models(name, tiny_assets, onevision_teacher, tmp_path):
     if name == "clip_kd.yaml":
         from mmkd.assets import prepare_tiny_assets
 
         tiny_assets = prepare_tiny_assets(tmp_path / "assets", n=60, seed=0, clip=True)
     run = tmp_path / "run"
     path = ROOT / "recipes" / name
-    assert main(["fit", str(path), *_tiny_overrides(path, tiny_assets, run)]) == 0
+    assert main(["fit", str(path), *_tiny_overrides(path, tiny_assets, run, onevision_teacher)]) == 0
     manifest = json.loads((run / "manifest.json").read_text())
     recipe = load_recipe(path)
     for stage in recipe.stage_names:
