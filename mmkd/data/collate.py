@@ -24,6 +24,18 @@ from mmkd.data.tokenizer import CHAT_TEMPLATE
 IGNORE_INDEX = -100
 Overflow = Literal["truncate", "skip"]
 
+# What a training batch holds when the collator dropped every sample of it (too long, unreadable): this one tiny
+# text-only sample, flagged ``batch["standin"]``, whose loss the training step multiplies by 0. Every rank then
+# still runs a forward and backward through the same modules (data-parallel strategies need that; a rank that
+# skipped its step would leave the others waiting), and the gradient is what skipping would have given.
+STANDIN_RECORD: dict[str, Any] = {
+    "id": "mmkd-standin",
+    "images": [],
+    "messages": [{"role": "user", "content": "."}, {"role": "assistant", "content": "."}],
+    "chosen": ".",
+    "rejected": ",",
+}
+
 
 @dataclass
 class TeacherSide:
@@ -351,6 +363,11 @@ class MultimodalCollator:
                 kept.append(record)
                 rows.append(row)
         self._batch_stats["samples"] = len(rows)
+        standin = self.train and not rows and bool(records)
+        if standin:  # every sample was dropped: one tiny text-only sample that the training step weighs by 0
+            row = self.encode(STANDIN_RECORD)
+            standin = row is not None
+            kept, rows = ([STANDIN_RECORD], [row]) if standin else ([], [])
         batch: dict[str, Any] = self._tensors(rows, "", self.student)
         if self.teacher_side is not None:
             batch.update(self._tensors(rows, "teacher_", self.teacher_side))
@@ -361,6 +378,8 @@ class MultimodalCollator:
                 batch.update(_image_batch(self.teacher_processor(images), "teacher_"))
         if not self.train:
             batch["ids"] = [str(r.get("id")) for r in kept]
+        if standin:
+            batch["standin"] = True
         self._finish_stats(batch)
         return batch
 
@@ -397,6 +416,16 @@ class PreferenceCollator(MultimodalCollator):
             for name in rows:
                 rows[name].append(pair[name])
         self._batch_stats["samples"] = len(kept)
+        standin = not kept and bool(records)
+        if standin:  # every pair was dropped: one tiny text-only pair that the training step weighs by 0
+            pair = {name: self.encode(STANDIN_RECORD, [*STANDIN_RECORD["messages"][:-1],
+                                                      {"role": "assistant", "content": STANDIN_RECORD[name]}])
+                    for name in rows}
+            standin = all(row is not None for row in pair.values())
+            if standin:
+                kept = [STANDIN_RECORD]
+                for name in rows:
+                    rows[name].append(pair[name])
         batch: dict[str, Any] = {}
         images = [im for r in kept for im in r.get("images", [])]
         pixels = _image_batch(self.image_processor(images)) if images else {}
@@ -411,6 +440,8 @@ class PreferenceCollator(MultimodalCollator):
                     batch[f"teacher_{name}_{k.removeprefix('teacher_')}"] = v
                 for k, v in t_pixels.items():
                     batch[f"teacher_{name}_{k}"] = v
+        if standin:
+            batch["standin"] = True
         self._finish_stats(batch)
         return batch
 

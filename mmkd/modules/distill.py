@@ -240,7 +240,12 @@ class DistillModule(L.LightningModule):
         if _fault("raise", self.stage, self.global_step + 1):
             raise RuntimeError(f"injected failure at step {self.global_step + 1}")
         self._count_data(batch)
-        if self._batch_size(batch) == 0:  # every sample of this batch was dropped (and counted) by the collator
+        if batch.get("standin"):  # the collator dropped every sample: run the same modules, contribute nothing
+            terms = self.compute_losses(batch)
+            self._term_names = list(terms)  # this rank joins the step's reduction even if it saw nothing else
+            self._end_of_micro_batch(batch_idx, batch)
+            return terms["loss"] * 0.0
+        if self._batch_size(batch) == 0:  # no sample at all (a collator without stand-ins)
             self._end_of_micro_batch(batch_idx, batch)
             return None
         terms = self.compute_losses(batch)
@@ -307,7 +312,9 @@ class DistillModule(L.LightningModule):
                     self.log(f"train/{name}_t", float(loss.interpolation), batch_size=1)
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        terms = self.compute_losses(batch)
+        terms = self.compute_losses(batch)  # also for a stand-in: ZeRO-3 needs every rank to run the modules
+        if batch.get("standin"):
+            return
         bs = self._batch_size(batch)
         self.log_dict({f"val/{k}": v.detach() for k, v in terms.items()}, sync_dist=True, batch_size=bs)
 

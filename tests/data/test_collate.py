@@ -75,9 +75,10 @@ def test_overflow_truncates_answer_side_or_skips(tokenizer) -> None:
     skip = collator(tokenizer, max_length=30, on_overflow="skip")
     batch = skip([long, rec("short", answer="B")])
     assert batch["input_ids"].shape[0] == 1 and batch["data_stats"]["skipped_overflow"] == 1
-    # a prompt that alone exceeds the limit leaves no answer token: skipped, even when truncating
-    batch = collator(tokenizer, max_length=8)([rec("p")])
-    assert batch["input_ids"].shape[0] == 0 and batch["data_stats"]["skipped_overflow"] == 1
+    # a prompt that alone exceeds the limit leaves no answer token: skipped, even when truncating (the batch then
+    # holds the stand-in, tested below)
+    batch = collator(tokenizer, max_length=12)([rec("p")])
+    assert batch["data_stats"]["skipped_overflow"] == 1 and batch["data_stats"]["samples"] == 0
     assert c.stats["truncated"] == 1 and skip.stats["skipped_overflow"] == 1
 
 
@@ -138,3 +139,22 @@ def test_for_models_adds_teacher_only_when_inputs_differ(tokenizer) -> None:
     assert not any(k.startswith("teacher_") for k in same)
     diff = MultimodalCollator.for_models(model(8, 4), model(16, 4))([rec("a")])
     assert diff["teacher_pixel_values"].shape[-1] == 16
+
+
+def test_a_batch_whose_samples_are_all_dropped_holds_the_stand_in(tokenizer) -> None:
+    """Every rank must still run a step: the batch is one tiny text-only sample, flagged, counted as no sample."""
+    long = rec("long", prompt="count the circles " * 40)
+    batch = collator(tokenizer, max_length=24)([long, None])
+    assert batch["standin"] is True and "pixel_values" not in batch
+    assert batch["data_stats"] == {"samples": 0, "truncated": 0, "skipped_overflow": 1, "bad": 1}
+    assert batch["input_ids"].shape[0] == 1 and labelled(tokenizer, batch["labels"][0]) == ".<|end|>"
+    teacher = TeacherSide(tokenizer, make_processor(16), num_image_tokens=12)
+    batch = collator(tokenizer, max_length=24, teacher=teacher)([long])
+    assert batch["standin"] and batch["teacher_input_ids"].shape[0] == 1
+    assert "standin" not in collator(tokenizer, max_length=24)([rec("ok", prompt="Red?")])
+    assert "standin" not in collator(tokenizer, max_length=24, train=False)([long])  # generation: nothing to pad
+    pair = dict(long, chosen="A", rejected="B")
+    pair["messages"] = pair["messages"][:1]
+    pref = PreferenceCollator(tokenizer, image_processor=make_processor(8), num_image_tokens=4, max_length=24)([pair])
+    assert pref["standin"] and pref["chosen_input_ids"].shape[0] == pref["rejected_input_ids"].shape[0] == 1
+    assert not torch.equal(pref["chosen_labels"], pref["rejected_labels"])

@@ -76,3 +76,34 @@ def test_a_text_only_rank_runs_and_matches_one_process(strategy, mixed_single, t
     assert got["data"]["counted_from_step"] == 0
     for key in [k for k in want["metrics"] if k.startswith("train/")]:
         assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-4), key
+
+
+@pytest.fixture(scope="module")
+def dropped_data(tiny_assets, tmp_path_factory) -> str:
+    """One sample with an image and one whose prompt alone is longer than the recipe's max_length (160)."""
+    root = tiny_assets["root"]
+    with open(f"{root}/sqa/captions.json") as f:
+        with_image = json.load(f)[0]
+    too_long = {"id": "too-long", "conversations": [
+        {"from": "human", "value": "count the red circles " * 60}, {"from": "gpt", "value": "3"}]}
+    path = tmp_path_factory.mktemp("dropped") / "dropped.json"
+    path.write_text(json.dumps([with_image, too_long]))
+    return json.dumps({"class_path": "mmkd.data.LlavaConversations",
+                       "init_args": {"json_path": str(path), "image_folder": f"{root}/sqa/images"}})
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_3"])
+def test_a_rank_whose_micro_batch_is_all_dropped_still_steps(strategy, tmp_path_factory, tiny_assets, dropped_data,
+                                                             zero_config):
+    """Every step, one rank's only sample is too long: its collator gives the stand-in, weighted by 0, so the ranks
+    stay in step (skipping the backward on one rank hangs DDP and DeepSpeed) and the result is one process's."""
+    config = None if strategy == "ddp" else zero_config
+    single = _run(tmp_path_factory, "dropped-single", tiny_assets, dropped_data, 1, "auto")
+    run = _run(tmp_path_factory, f"dropped-{strategy}", tiny_assets, dropped_data, 2, strategy, config)
+    ours, ref = student(run), student(single)
+    worst = max(float((ours[k].float() - ref[k].float()).abs().max()) for k in ref)
+    assert worst < 2e-5, f"{strategy}: max |w - w_single| = {worst}"
+    got, want = manifest(run)["stages"]["distill"], manifest(single)["stages"]["distill"]
+    assert got["data"]["samples"] == want["data"]["samples"] == STEPS  # only the sample with an image counts
+    assert got["data"]["skipped_overflow"] == want["data"]["skipped_overflow"] == STEPS
+    assert got["metrics"]["train/loss"] == pytest.approx(want["metrics"]["train/loss"], rel=1e-4)

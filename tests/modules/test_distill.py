@@ -131,3 +131,40 @@ def test_logged_terms_and_taid_use_the_mean_over_the_global_batch(models, tiny_a
     for k in ("lm", "taid", "loss"):
         assert float(trainer.callback_metrics[f"train/{k}"]) == pytest.approx(expected[k], rel=1e-5)
     assert float(module.objectives["taid"].loss.prev_loss) == pytest.approx(expected["taid"], rel=1e-5)
+
+
+def test_a_stand_in_batch_runs_the_modules_and_contributes_nothing(models, tiny_assets, tmp_path):
+    """The collator's stand-in (every sample dropped) gives a zero loss: the step equals skipping the batch."""
+    from mmkd.data import MultimodalCollator, ScienceQA
+
+    teacher, _ = models
+    data = ScienceQA(tiny_assets["sqa"], "train")
+    collate = MultimodalCollator.for_models(models[1], teacher, max_length=160)
+    normal = collate([data[i] for i in range(4)])
+    long = {"id": "long", "images": [], "messages": [{"role": "user", "content": "count " * 400},
+                                                     {"role": "assistant", "content": "B"}]}
+    standin = collate([long])
+    assert standin["standin"] and standin["data_stats"]["samples"] == 0
+
+    def fit(batches, accumulate):
+        student = copy.deepcopy(models[1])
+        module = DistillModule(student, copy.deepcopy(teacher), {"lm": 1.0, "kl": 1.0}, train_parts=["projector"],
+                               total_steps=1, optimizer={"name": "sgd", "lr": 0.5, "weight_decay": 0.0,
+                                                         "betas": (0.9, 0.999), "eps": 1e-8})
+        trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=accumulate,
+                            default_root_dir=tmp_path)
+        trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+        return student, float(trainer.callback_metrics["train/loss"]), module.data_stats
+
+    with_standin, loss, stats = fit([normal, standin], 2)
+    alone, loss_alone, _ = fit([normal], 1)
+    assert loss == pytest.approx(loss_alone, rel=1e-6)  # the stand-in is not part of the step's mean
+    assert stats["samples"] == normal["data_stats"]["samples"]
+    # Lightning divides each micro-batch by 2: the update is half of the batch alone, as skipping would give
+    initial = models[1].parts()["projector"]
+    moved = [(p1 - p0).detach() for p1, p0 in zip(with_standin.parts()["projector"], initial)]
+    moved_alone = [(p1 - p0).detach() for p1, p0 in zip(alone.parts()["projector"], initial)]
+    assert max(float(m.abs().max()) for m in moved_alone) > 1e-4
+    for m, m_alone in zip(moved, moved_alone):
+        torch.testing.assert_close(m, m_alone / 2, rtol=1e-4, atol=1e-7)
