@@ -54,3 +54,21 @@ def test_initial_student_reference_gives_zero_rewards_at_start(tiny_assets, mode
     assert abs(float(terms["dpo_chosen_reward"])) < 1e-5 and abs(float(terms["dpo_rejected_reward"])) < 1e-5
     assert torch.isclose(terms["dpo"], torch.log(torch.tensor(2.0)), atol=1e-5)
     assert not any(k.startswith("teacher") or k.startswith("reference") for k in module.state_dict())
+
+
+def test_a_stand_in_preference_batch_gives_finite_terms(tiny_assets, models):
+    """All pairs of a micro-batch dropped: the stand-in pair runs policy and teacher reference, finite terms."""
+    from mmkd.data import PreferenceCollator
+
+    teacher, student = (copy.deepcopy(m) for m in models)
+    long = {"id": "long", "images": [], "messages": [{"role": "user", "content": "count " * 400}],
+            "chosen": "A", "rejected": "B"}
+    batch = PreferenceCollator.for_models(student, teacher, max_length=192)([long])
+    assert batch["standin"] and batch["data_stats"]["samples"] == 0
+    module = PreferenceDistillModule(student, teacher, {"dpo": 1.0, "lm": 0.1},
+                                     objective_args={"dpo": {"beta": 0.1}}, train_parts=["language_model"])
+    terms = module.compute_losses(batch)
+    assert all(torch.isfinite(v) for v in terms.values())
+    (terms["loss"] * 0.0).backward()
+    grads = [p.grad for p in student.parts()["language_model"] if p.grad is not None]
+    assert grads and all(not g.any() for g in grads)
