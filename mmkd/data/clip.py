@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from PIL import Image
 from torch import Tensor
 
 __all__ = ["CLIPCollator", "caption_of"]
@@ -41,7 +42,12 @@ class CLIPCollator:
         texts = [caption_of(r) for r in kept]
         batch: dict[str, Any] = {"data_stats": stats}
         if not kept:
-            return batch
+            if not records:
+                return batch
+            # Every record was unreadable: a blank stand-in pair that the training step weighs by 0, so this
+            # rank still runs its step (see mmkd.data.collate.STANDIN_RECORD).
+            images, texts = [Image.new("RGB", (8, 8))], ["."]
+            batch["standin"] = True
         batch["images"] = self.student.preprocess_images(images)
         batch["text"] = self.student.tokenize(texts)
         if self.teacher is not None:

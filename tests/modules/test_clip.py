@@ -1,6 +1,7 @@
 """CLIPDistillModule: the teacher's similarities reach the student; the teacher gets no gradient."""
 
 import copy
+import math
 
 from mmkd.modules.clip import CLIPDistillModule
 
@@ -33,3 +34,21 @@ def test_clip_distillation_step(tmp_path):
                              train_parts=["vision_tower"])
     terms = same.compute_losses(batch)
     assert float(terms["clip_similarity"]) < 1e-6 and float(terms["clip_kd"]) < 1e-6
+
+
+def test_unreadable_records_give_a_zero_weight_stand_in(tmp_path):
+    """A micro-batch of unreadable records still runs student and teacher (multi-rank runs need every rank's step)."""
+    from mmkd.data.clip import CLIPCollator
+    from mmkd.models import CLIPModel
+    from mmkd.models.presets import build_tiny
+
+    teacher = CLIPModel(str(build_tiny("clip-teacher", str(tmp_path / "t"), tokenizer="", seed=0)))
+    student = CLIPModel(str(build_tiny("clip-student", str(tmp_path / "s"), tokenizer="", seed=1)))
+    batch = CLIPCollator.for_models(student, teacher)([None, None])
+    assert batch["standin"] and batch["data_stats"] == {"samples": 0, "bad": 2}
+    assert batch["images"].shape[0] == 1 and batch["teacher_images"].shape[0] == 1
+    module = CLIPDistillModule(student, teacher, {"clip_kd": 1.0}, train_parts=["vision_tower"])
+    terms = module.compute_losses(batch)
+    assert all(math.isfinite(float(v)) for v in terms.values())
+    (terms["loss"] * 0.0).backward()
+    assert all(p.grad is None or not p.grad.any() for p in student.parts()["vision_tower"])
