@@ -146,6 +146,7 @@ class DistillModule(L.LightningModule):
         self.data_stats_from_step = 0  # the global step data_stats started counting at (after a resume: > 0)
         self._step_sums: Tensor | None = None  # the loss terms summed over this optimizer step's micro-batches
         self._step_count = 0
+        self._step_samples = 0
         self._term_names: list[str] = []
         self._freeze_student()
         if teacher is not None:
@@ -243,10 +244,8 @@ class DistillModule(L.LightningModule):
         if batch.get("standin"):  # the collator dropped every sample: run the same modules, contribute nothing
             terms = self.compute_losses(batch)
             self._term_names = list(terms)  # this rank joins the step's reduction even if it saw nothing else
-            self._end_of_micro_batch(batch_idx, batch)
             return terms["loss"] * 0.0
         if self._batch_size(batch) == 0:  # no sample at all (a collator without stand-ins)
-            self._end_of_micro_batch(batch_idx, batch)
             return None
         terms = self.compute_losses(batch)
         if _fault("nan", self.stage, self.global_step + 1):
@@ -259,18 +258,19 @@ class DistillModule(L.LightningModule):
             raise NonFiniteLossError(f"stage {self.stage}: loss term {name!r} is {value} at step {step}")
         self._step_sums = values if self._step_sums is None else self._step_sums + values
         self._step_count += 1
+        self._step_samples += self._batch_size(batch) or 0
         self._term_names = list(terms)
-        self._end_of_micro_batch(batch_idx, batch)
         return terms["loss"]
 
-    def _end_of_micro_batch(self, batch_idx: int, batch: Mapping[str, Any]) -> None:
-        """After the last micro-batch of an optimizer step: global means, TAID's update, logging."""
-        if (batch_idx + 1) % self.trainer.accumulate_grad_batches or not self._term_names:
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Once per optimizer step, after its last micro-batch (also a short one at an epoch's end), on every
+        rank: the global means of the loss terms, TAID's update, logging."""
+        if not self._term_names:
             return
+        bs, self._step_samples = max(1, self._step_samples), 0
         means = dict(zip(self._term_names, self._global_step_means().unbind()))
         self._advance_schedules(means)
         if self._should_log(True):
-            bs = max(1, self._batch_size(batch))
             self.log_dict({f"train/{k}": v for k, v in means.items()}, prog_bar=False, batch_size=bs)
             self.log("loss", means["loss"], prog_bar=True, logger=False, batch_size=bs)
 

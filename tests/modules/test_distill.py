@@ -168,3 +168,27 @@ def test_a_stand_in_batch_runs_the_modules_and_contributes_nothing(models, tiny_
     assert max(float(m.abs().max()) for m in moved_alone) > 1e-4
     for m, m_alone in zip(moved, moved_alone):
         torch.testing.assert_close(m, m_alone / 2, rtol=1e-4, atol=1e-7)
+
+
+def test_a_short_last_step_of_an_epoch_gets_its_own_mean_and_taid_update(models, tiny_assets, tmp_path):
+    """3 micro-batches with accumulation 2: Lightning steps after 2, then after the epoch's last 1 alone."""
+    from mmkd.data import MultimodalCollator, ScienceQA
+
+    teacher, student = (copy.deepcopy(m) for m in models)
+    data = ScienceQA(tiny_assets["sqa"], "train")
+    collate = MultimodalCollator.for_models(student, teacher, max_length=160)
+    batches = [collate([data[i] for i in range(3 * j, 3 * j + 3)]) for j in range(3)]
+    module = DistillModule(student, teacher, {"lm": 1.0, "taid": 1.0}, train_parts=["projector"], total_steps=2,
+                           optimizer={"name": "adamw", "lr": 0.0, "weight_decay": 0.0, "betas": (0.9, 0.999),
+                                      "eps": 1e-8})
+    with torch.no_grad():
+        last = module.compute_losses(batches[2])
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2,
+                        log_every_n_steps=1, default_root_dir=tmp_path)
+    trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    assert trainer.global_step == 2
+    taid = module.objectives["taid"].loss
+    assert int(taid.num_steps) == 2  # one update per optimizer step, the short one included
+    assert float(taid.prev_loss) == pytest.approx(float(last["taid"]), rel=1e-5)
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(float(last["loss"]), rel=1e-5)
