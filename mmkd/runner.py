@@ -419,14 +419,10 @@ class Runner:
 
 def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
     """Per-rank counters summed over all ranks (every rank calls this; one small all-gather)."""
-    import torch.distributed as dist
+    from mmkd.modules.distill import gather_objects
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return dict(counts)
-    gathered: list[dict[str, int] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, dict(counts))
     total: dict[str, int] = {}
-    for part in gathered:
+    for part in gather_objects(dict(counts)):
         for key, value in (part or {}).items():
             total[key] = total.get(key, 0) + int(value)
     return total

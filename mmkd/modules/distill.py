@@ -84,6 +84,7 @@ def rng_state() -> dict[str, Tensor]:
         "python": torch.tensor(list(py_state[1]), dtype=torch.int64),
         "python_version": torch.tensor([py_state[0]], dtype=torch.int64),
         "python_gauss": torch.tensor([float("nan") if py_state[2] is None else py_state[2]], dtype=torch.float64),
+        **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() and torch.cuda.is_initialized() else {}),
     }
 
 
@@ -95,6 +96,8 @@ def set_rng_state(state: Mapping[str, Tensor]) -> None:
     gauss = float(state["python_gauss"][0])
     random.setstate((int(state["python_version"][0]), tuple(int(x) for x in state["python"].tolist()),
                      None if math.isnan(gauss) else gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])  # this process's current device (dropout on a GPU draws from it)
 
 
 class DistillModule(L.LightningModule):
@@ -332,11 +335,19 @@ class DistillModule(L.LightningModule):
 
     # ---- checkpoints: RNG states, no teacher ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mmkd_rng"] = rng_state()
+        # Every rank calls this (checkpoints are saved on all ranks), but only rank 0's dict reaches the file:
+        # gather each rank's RNG state into it, since the ranks' streams part as soon as their batches differ.
+        own = rng_state()
+        checkpoint["mmkd_rng"] = own
+        checkpoint["mmkd_rng_ranks"] = gather_objects(own)
         checkpoint["mmkd_stage"] = self.stage
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._pending_rng = checkpoint.get("mmkd_rng")
+        ranks = checkpoint.get("mmkd_rng_ranks") or []
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        # The same world size resumes each rank's own stream; another one (an execution change) starts every rank
+        # from rank 0's.
+        self._pending_rng = ranks[rank] if len(ranks) == world else checkpoint.get("mmkd_rng")
 
     def on_train_start(self) -> None:
         self.data_stats_from_step = int(self.global_step)
@@ -345,6 +356,17 @@ class DistillModule(L.LightningModule):
         if self._pending_rng is not None:
             set_rng_state(self._pending_rng)
             self._pending_rng = None
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` from every rank, in rank order (``[obj]`` without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _hidden_size(model: nn.Module) -> int:

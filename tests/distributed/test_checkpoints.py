@@ -69,3 +69,29 @@ def test_load_stage_checkpoint_rebuilds_frozen_parts_from_init_from(zero3_run):
         assert torch.equal(ours[k].float(), final[k].float()), k
     with pytest.raises(ValueError, match="does not fit"):  # a frozen-in-checkpoint claim for a trained part fails
         load_stage_checkpoint(Runner(recipe).build_student("distill"), ckpt, ["projector", "vision_tower"])
+
+
+def test_ddp_resume_restores_each_ranks_own_rng(tiny_assets, tmp_path):
+    """With dropout the ranks' random streams part (their sequences differ in length), so a resumed run must give
+    every rank its own saved RNG state, not rank 0's, to end with the uninterrupted run's weights."""
+    import json
+    import shutil
+
+    lm = tmp_path / "lm-dropout"
+    shutil.copytree(tiny_assets["student_lm"], lm)
+    config = json.loads((lm / "config.json").read_text())
+    config["attention_dropout"] = 0.3
+    (lm / "config.json").write_text(json.dumps(config))
+    args = ("--student", json.dumps({"class_path": "mmkd.models.MLLMStudent", "init_args": {
+        "vision": tiny_assets["student_vision"], "language_model": str(lm), "tokenizer": tiny_assets["tokenizer"],
+        "attn_implementation": "eager"}}))
+    ref = fit(tmp_path / "ref", tiny_assets, 2, "ddp", *args)
+    assert ref.returncode == 0, ref.stderr[-4000:]
+    run = tmp_path / "run"
+    killed = fit(run, tiny_assets, 2, "ddp", *args, fault=f"kill:distill:{STEPS}")
+    assert killed.returncode == -signal.SIGKILL
+    resumed = fit(run, tiny_assets, 2, "ddp", *args)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resuming from step-00000002.ckpt" in resumed.stdout
+    ours, want = student(run), student(tmp_path / "ref")
+    assert all(torch.equal(ours[k], want[k]) for k in want), [k for k in want if not torch.equal(ours[k], want[k])]
