@@ -34,6 +34,11 @@ def safe_log_softmax(logits: Tensor) -> Tensor:
     return out
 
 
+def row_slices(rows: int, step: int) -> list[slice]:
+    """Consecutive slices of ``rows`` rows, ``step`` rows each (the last may be shorter)."""
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
 def rowdot(x: Tensor, y: Tensor) -> Tensor:
     """Row-wise dot product ``(N, V), (N, V) -> (N,)`` through a batched matmul (no ``(N, V)`` temporary)."""
     return torch.bmm(x.unsqueeze(-2), y.unsqueeze(-1)).flatten()

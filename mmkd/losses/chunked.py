@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from mmkd.losses._common import token_masks
+from mmkd.losses._common import row_slices, token_masks
 from mmkd.losses.divergences import TokenDivergence
 from mmkd.losses.topk import TopKKL
 
@@ -201,7 +201,7 @@ def chunked_token_loss(
 
     vocab = head_weight.shape[0]
     size = chunk_size or default_chunk_size(vocab)
-    groups = [slice(i, min(i + size, n)) for i in range(0, n, size)]
+    groups = row_slices(n, size)
     scale = 1.0 / n if loss.reduction == "mean" and n > 0 else 1.0
 
     if teacher_hidden is not None:

@@ -16,6 +16,7 @@ from mmkd.losses._common import (
     kl_to_constant,
     log_mixture,
     reduce,
+    row_slices,
     safe_log_softmax,
     select_tokens,
 )
@@ -156,7 +157,7 @@ class ForwardKL(TokenDivergence):
             if x.numel() and bool(x.amin() < LOG_FLOOR):
                 x.clamp_(min=LOG_FLOOR)
         values = torch.empty(logp.shape[:-1], dtype=torch.float32, device=logp.device)
-        for rows in _row_blocks(logp.shape[0], logp.shape[-1]):
+        for rows in row_slices(logp.shape[0], max(1, (4 << 20) // (4 * max(logp.shape[-1], 1)))):  # ~4 MiB blocks
             values[rows] = kl_to_constant(teacher_logp[rows], logp[rows])
         grad = logp.exp_().sub_(teacher_logp.exp_())
         del teacher_logp
@@ -166,12 +167,6 @@ class ForwardKL(TokenDivergence):
         if factor != 1.0:
             grad.mul_(factor)
         return (values * tau**2 if self.scale_by_t2 else values), grad
-
-
-def _row_blocks(rows: int, width: int, block_bytes: int = 4 << 20) -> list[slice]:
-    """Row slices of a ``(rows, width)`` float32 tensor, about ``block_bytes`` each (for small temporaries)."""
-    step = max(1, block_bytes // (4 * max(width, 1)))
-    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 
 def _own_float(x: Tensor, owned: bool) -> Tensor:

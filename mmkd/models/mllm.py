@@ -74,10 +74,7 @@ class ImageTextModel(nn.Module):
         if cfg_id is None:
             cfg_id = getattr(hf.config, "image_token_index", None)
         self.image_token_id: int = int(cfg_id if cfg_id is not None else tok.convert_tokens_to_ids(self.image_token))
-        self.num_image_tokens: int = self._count_image_tokens()
-        # Families whose image processor reports image sizes tile images at any resolution: per-image counts.
-        probe = self.processor.image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")
-        self._fixed_image_tokens = "image_sizes" not in probe
+        self.num_image_tokens, self._fixed_image_tokens = self._probe_image_tokens()
         if gradient_checkpointing:
             self.gradient_checkpointing_enable()
 
@@ -98,11 +95,15 @@ class ImageTextModel(nn.Module):
         edge = int(size.get("shortest_edge", 224))
         return edge, edge
 
-    def _count_image_tokens(self) -> int:
-        # Ask the processor itself, so models whose count differs from (size/patch)^2 are right too.
+    def _probe_image_tokens(self) -> tuple[int, bool]:
+        """Visual tokens of an image of the processor's size, and whether every image gets that many.
+
+        Asks the processor itself, so models whose count differs from (size/patch)^2 are right too; families
+        whose processor reports image sizes tile images at any resolution, so their count is per image.
+        """
         h, w = self.image_size
         enc = self.processor(text=self.image_token, images=[Image.new("RGB", (w, h))], return_tensors="pt")
-        return int((enc["input_ids"] == self.image_token_id).sum())
+        return int((enc["input_ids"] == self.image_token_id).sum()), "image_sizes" not in enc
 
     # -- contract -------------------------------------------------------------------------------------------
     def forward(
@@ -199,8 +200,7 @@ class ImageTextModel(nn.Module):
             return None
         if self._anchor_inputs is None:  # the model's own processor on a blank image: right keys for any family
             h, w = self.image_size
-            enc = self.processor.image_processor(images=[Image.new("RGB", (w, h))], return_tensors="pt")
-            self._anchor_inputs = {k: v for k, v in enc.items() if torch.is_tensor(v)}
+            self._anchor_inputs = self.image_inputs([Image.new("RGB", (w, h))])
         accepted = inspect.signature(get).parameters
         vision_param = next(iter(base.vision_tower.parameters()), None) if hasattr(base, "vision_tower") else None
         device = vision_param.device if vision_param is not None else None
@@ -273,9 +273,7 @@ class ImageTextModel(nn.Module):
         if not images:
             h, w = self.image_size
             return torch.empty(0, 3, h, w)
-        return self.processor.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")[
-            "pixel_values"
-        ]
+        return self.image_inputs(images)["pixel_values"]
 
     # -- parts, freezing, saving ----------------------------------------------------------------------------
     def parts(self) -> dict[str, list[nn.Parameter]]:

@@ -273,7 +273,7 @@ class DistillModule(L.LightningModule):
         bs, self._step_samples = max(1, self._step_samples), 0
         means = dict(zip(self._term_names, self._global_step_means().unbind()))
         self._advance_schedules(means)
-        if self._should_log(True):
+        if self._should_log():
             self.log_dict({f"train/{k}": v for k, v in means.items()}, prog_bar=False, batch_size=bs)
             self.log("loss", means["loss"], prog_bar=True, logger=False, batch_size=bs)
 
@@ -292,10 +292,8 @@ class DistillModule(L.LightningModule):
         packed = self.trainer.strategy.reduce(packed, reduce_op="sum")
         return packed[:-1] / packed[-1].clamp(min=1)
 
-    def _should_log(self, steps_done: bool) -> bool:
+    def _should_log(self) -> bool:
         """Log on the steps the logger writes (and the last one): Lightning's per-call bookkeeping is not free."""
-        if not steps_done:
-            return False
         step = self.global_step + 1
         every = max(1, int(self.trainer.log_every_n_steps))
         return step % every == 0 or step >= self.trainer.max_steps > 0 or step == 1
@@ -311,7 +309,7 @@ class DistillModule(L.LightningModule):
             loss = getattr(objective, "loss", None)
             if hasattr(loss, "step") and callable(loss.step):
                 loss.step(terms[name].detach())
-                if self._should_log(True):
+                if self._should_log():
                     self.log(f"train/{name}_t", float(loss.interpolation), batch_size=1)
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:

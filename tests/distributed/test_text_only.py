@@ -14,17 +14,22 @@ import pytest
 from dist_helpers import STEPS, fit, manifest, student
 
 
-@pytest.fixture(scope="module")
-def mixed_data(tiny_assets, tmp_path_factory) -> str:
+def _two_samples(tiny_assets, folder, second: dict) -> str:
+    """A LLaVA conversation file of the first caption pair (with its image) and ``second``, as a recipe data value."""
     root = tiny_assets["root"]
     with open(f"{root}/sqa/captions.json") as f:
         with_image = json.load(f)[0]
-    text_only = {"id": "text-only", "conversations": [
-        {"from": "human", "value": "Which is a primary colour: green or red?"}, {"from": "gpt", "value": "red"}]}
-    path = tmp_path_factory.mktemp("mixed") / "mixed.json"
-    path.write_text(json.dumps([with_image, text_only]))
+    path = folder / "data.json"
+    path.write_text(json.dumps([with_image, second]))
     return json.dumps({"class_path": "mmkd.data.LlavaConversations",
                        "init_args": {"json_path": str(path), "image_folder": f"{root}/sqa/images"}})
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tiny_assets, tmp_path_factory) -> str:
+    text_only = {"id": "text-only", "conversations": [
+        {"from": "human", "value": "Which is a primary colour: green or red?"}, {"from": "gpt", "value": "red"}]}
+    return _two_samples(tiny_assets, tmp_path_factory.mktemp("mixed"), text_only)
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +86,9 @@ def test_a_text_only_rank_runs_and_matches_one_process(strategy, mixed_single, t
 @pytest.fixture(scope="module")
 def dropped_data(tiny_assets, tmp_path_factory) -> str:
     """One sample with an image and one whose prompt alone is longer than the recipe's max_length (160)."""
-    root = tiny_assets["root"]
-    with open(f"{root}/sqa/captions.json") as f:
-        with_image = json.load(f)[0]
     too_long = {"id": "too-long", "conversations": [
         {"from": "human", "value": "count the red circles " * 60}, {"from": "gpt", "value": "3"}]}
-    path = tmp_path_factory.mktemp("dropped") / "dropped.json"
-    path.write_text(json.dumps([with_image, too_long]))
-    return json.dumps({"class_path": "mmkd.data.LlavaConversations",
-                       "init_args": {"json_path": str(path), "image_folder": f"{root}/sqa/images"}})
+    return _two_samples(tiny_assets, tmp_path_factory.mktemp("dropped"), too_long)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_3"])
