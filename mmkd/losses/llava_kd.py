@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmkd.contract import ModelOutput
 from mmkd.losses._common import pool_pair, reduce, visual_groups
 from mmkd.losses.chunked import chunked_token_loss
 from mmkd.losses.divergences import ForwardKL, TokenDivergence
-from mmkd.models.contract import ModelOutput
 
 
 def _tokens_per_image(output: ModelOutput) -> int | None:

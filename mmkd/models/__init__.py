@@ -1,7 +1,7 @@
 """Teachers and students behind one output contract; MoE upcycling; tiny presets; export."""
 
+from mmkd.contract import CLIPOutput, ModelOutput
 from mmkd.models.clip import CLIPModel
-from mmkd.models.contract import CLIPOutput, ModelOutput
 from mmkd.models.errors import ModelNotFoundError
 from mmkd.models.llava import LlavaModel
 from mmkd.models.mllm import ImageTextModel

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from mmkd.models.contract import CLIPOutput
+from mmkd.contract import CLIPOutput
 from mmkd.models.errors import ModelNotFoundError, load_or_explain
 from mmkd.models.mllm import resolve_dtype
 

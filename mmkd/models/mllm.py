@@ -13,7 +13,7 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import PreTrainedModel, ProcessorMixin
 
-from mmkd.models.contract import ModelOutput
+from mmkd.contract import ModelOutput
 from mmkd.models.moe import RouterLossCollector
 
 _DTYPES = {

@@ -1,6 +1,6 @@
 """Objective adapters: a recipe's objective names mapped onto the loss library.
 
-An adapter reads the output contract (:class:`mmkd.models.contract.ModelOutput`) of the student and the teacher
+An adapter reads the output contract (:class:`mmkd.contract.ModelOutput`) of the student and the teacher
 plus the batch masks, selects the tokens its loss is defined on, and calls a loss from :mod:`mmkd.losses`.
 Losses never see model internals; adapters never compute a divergence themselves.
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:  # importing mmkd.models loads transformers; the registry must stay cheap for recipe checks
-    from mmkd.models.contract import ModelOutput
+    from mmkd.contract import ModelOutput
 
 __all__ = ["OBJECTIVES", "Objective", "answer_positions", "build_objective"]
 

@@ -23,7 +23,7 @@ def answer_logprobs(output: Any, labels: Tensor, average: bool = False) -> Tenso
     Equal to ``mmkd.losses.sequence_logprobs(output.logits(), labels)`` without the ``(B, T, V)`` logits.
 
     Args:
-        output: A :class:`~mmkd.models.contract.ModelOutput`.
+        output: A :class:`~mmkd.contract.ModelOutput`.
         labels: ``(B, T)``, -100 outside the answer.
         average: Mean over answer tokens instead of the sum.
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmkd.contract import ModelOutput
 from mmkd.losses import MDist, RDist, ReverseKL
-from mmkd.models.contract import ModelOutput
 
 V, H, HT = 23, 8, 12
 S_IMG, T_IMG = 4, 6  # visual tokens per image: student 4, teacher 6
