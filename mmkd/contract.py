@@ -50,6 +50,10 @@ class ModelOutput:
             the images of a batch have different token counts).
         visual_mask: ``(B, T)`` bool, True at visual-token positions of the sequence.
         aux_loss: Scalar MoE router loss (load balancing + z-loss, already weighted), or None.
+        image_base_tokens: Visual tokens of each image's base grid, a square ``g x g`` grid in row-major order
+            that comes first in the image's run of visual positions: every visual token of a fixed-resolution
+            family; for any-resolution families (LLaVA-OneVision: base grid, then the high-resolution tiles) the
+            base grid only. None when unknown.
     """
 
     last_hidden: Tensor
@@ -59,6 +63,7 @@ class ModelOutput:
     vision_features: Tensor | None = None
     visual_mask: Tensor | None = None
     aux_loss: Tensor | None = None
+    image_base_tokens: int | None = None
 
     def logits(self, hidden: Tensor | None = None) -> Tensor:
         """Logits for ``hidden`` (default: every position), ``(..., V)``."""
