@@ -1,4 +1,8 @@
-"""ScienceQA accuracy by category as a torchmetrics ``Metric``: sum states, so it merges across DDP ranks."""
+"""ScienceQA accuracy by category as a torchmetrics ``Metric``: sum states, so it merges across DDP ranks.
+
+Every answer is scored twice: by LLaVA's rules (``mmkd.eval.parsing``, the published protocol, the main figures)
+and by lmms-eval's exact match (``mmkd.eval.exact_match``, reported beside them).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from torchmetrics import Metric
 
 from mmkd.eval.answer_key import KeyedQuestion
 from mmkd.eval.categories import CATEGORIES
+from mmkd.eval.exact_match import exact_match
 from mmkd.eval.parsing import Verdict, judge
 
 
@@ -37,6 +42,7 @@ class ScienceQAAccuracy(Metric):
     full_state_update = False
 
     correct: Tensor
+    exact_match_correct: Tensor
     count: Tensor
     failed_parses: Tensor
     missing: Tensor
@@ -51,6 +57,9 @@ class ScienceQAAccuracy(Metric):
         # Slot 0 is overall, slot 1 + i is CATEGORIES[i].
         self.add_state("correct", torch.zeros(1 + len(CATEGORIES), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros(1 + len(CATEGORIES), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state(
+            "exact_match_correct", torch.zeros(1 + len(CATEGORIES), dtype=torch.long), dist_reduce_fx="sum"
+        )
         for name in ("failed_parses", "missing", "invalid_letters"):
             self.add_state(name, torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
@@ -64,17 +73,21 @@ class ScienceQAAccuracy(Metric):
         if len(texts) != len(questions):
             raise ValueError(f"ScienceQAAccuracy.update: {len(texts)} texts for {len(questions)} questions")
         correct = [0] * (1 + len(CATEGORIES))
+        matched = [0] * (1 + len(CATEGORIES))
         count = [0] * (1 + len(CATEGORIES))
         kinds = {Verdict.FAILED_PARSE: 0, Verdict.MISSING: 0, Verdict.INVALID_LETTER: 0}
         for text, question in zip(texts, questions):
             verdict = judge(text, question.answer, question.num_choices)
+            is_match = exact_match(text, question.answer)
             if verdict in kinds:
                 kinds[verdict] += 1
             slots = [0] + [1 + i for i, c in enumerate(CATEGORIES) if c in question.categories]
             for slot in slots:
                 count[slot] += 1
                 correct[slot] += verdict is Verdict.CORRECT
+                matched[slot] += is_match
         self.correct += torch.tensor(correct, dtype=torch.long, device=self.correct.device)
+        self.exact_match_correct += torch.tensor(matched, dtype=torch.long, device=self.exact_match_correct.device)
         self.count += torch.tensor(count, dtype=torch.long, device=self.count.device)
         self.failed_parses += kinds[Verdict.FAILED_PARSE]
         self.missing += kinds[Verdict.MISSING]
@@ -85,11 +98,13 @@ class ScienceQAAccuracy(Metric):
 
         Returns:
             ``accuracy`` (percent), ``correct``, ``count``, ``failed_parses``, ``missing``,
-            ``invalid_letters``, and per reported category ``C`` the percent ``C`` (NaN when it has no
-            questions), ``C/correct`` and ``C/count``.
+            ``invalid_letters``, ``exact_match`` (lmms-eval's percent) and ``exact_match/correct``, and per
+            reported category ``C`` the percent ``C`` (NaN when it has no questions), ``C/correct``, ``C/count``,
+            ``C/exact_match`` and ``C/exact_match/correct``.
         """
-        correct, count = self.correct, self.count
+        correct, count, matched = self.correct, self.count, self.exact_match_correct
         percent = correct.double() * 100.0 / count.double()  # 0/0 -> NaN: no questions in that category
+        match_percent = matched.double() * 100.0 / count.double()
         values = {
             "accuracy": percent[0],
             "correct": correct[0],
@@ -97,12 +112,16 @@ class ScienceQAAccuracy(Metric):
             "failed_parses": self.failed_parses,
             "missing": self.missing,
             "invalid_letters": self.invalid_letters,
+            "exact_match": match_percent[0],
+            "exact_match/correct": matched[0],
         }
         for i, name in enumerate(CATEGORIES):
             if name in self.categories:
                 values[name] = percent[1 + i]
                 values[f"{name}/correct"] = correct[1 + i]
                 values[f"{name}/count"] = count[1 + i]
+                values[f"{name}/exact_match"] = match_percent[1 + i]
+                values[f"{name}/exact_match/correct"] = matched[1 + i]
         return values
 
     def report(self) -> dict[str, Any]:
@@ -110,8 +129,9 @@ class ScienceQAAccuracy(Metric):
 
         Returns:
             ``{"accuracy", "correct", "count", "failed_parses", "missing", "invalid_letters",
-            "categories": {C: {"accuracy", "correct", "count"}}}``; an accuracy is None where there are no
-            questions.
+            "categories": {C: {"accuracy", "correct", "count"}}, "exact_match": {"accuracy", "correct", "count",
+            "categories": {C: {...}}}}``, where ``exact_match`` holds the same figures by lmms-eval's rule; an
+            accuracy is None where there are no questions.
         """
         values = self.compute()
 
@@ -131,4 +151,11 @@ class ScienceQAAccuracy(Metric):
             if name in self.categories:
                 n_correct, n = int(values[f"{name}/correct"]), int(values[f"{name}/count"])
                 report["categories"][name] = {"accuracy": percent(n_correct, n), "correct": n_correct, "count": n}
+        n_matched = int(values["exact_match/correct"])
+        matches: dict[str, Any] = {"accuracy": percent(n_matched, report["count"]), "correct": n_matched,
+                                   "count": report["count"], "categories": {}}
+        for name in (c for c in CATEGORIES if c in self.categories):
+            n_matched, n = int(values[f"{name}/exact_match/correct"]), int(values[f"{name}/count"])
+            matches["categories"][name] = {"accuracy": percent(n_matched, n), "correct": n_matched, "count": n}
+        report["exact_match"] = matches
         return report

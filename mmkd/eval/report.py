@@ -21,19 +21,28 @@ def format_table(report: Mapping[str, Any]) -> Table:
     """A rich table of a ``metrics.json`` report: one row overall, then one per category.
 
     Args:
-        report: As ``ScienceQAAccuracy.report``.
+        report: As ``ScienceQAAccuracy.report``; when it has ``exact_match``, lmms-eval's accuracy is a last column.
 
     Returns:
         The table.
     """
+    matches = report.get("exact_match")
     table = Table()
     table.add_column("category")
     table.add_column("accuracy %", justify="right")
     table.add_column("correct", justify="right")
     table.add_column("count", justify="right")
-    table.add_row("overall", _percent(report["accuracy"]), str(report["correct"]), str(report["count"]), style="bold")
+    if matches is not None:
+        table.add_column("lmms-eval exact match %", justify="right")
+
+    def extra(row: Mapping[str, Any] | None) -> list[str]:
+        return [] if matches is None else [_percent(row["accuracy"] if row else None)]
+
+    table.add_row("overall", _percent(report["accuracy"]), str(report["correct"]), str(report["count"]),
+                  *extra(matches), style="bold")
     for name, row in report.get("categories", {}).items():
-        table.add_row(name, _percent(row["accuracy"]), str(row["correct"]), str(row["count"]))
+        match_row = (matches or {}).get("categories", {}).get(name)
+        table.add_row(name, _percent(row["accuracy"]), str(row["correct"]), str(row["count"]), *extra(match_row))
     return table
 
 

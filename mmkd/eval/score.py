@@ -20,7 +20,8 @@ def score_answers(answers: Mapping[str, str], key: AnswerKey) -> dict[str, Any]:
         key: The questions and right answers.
 
     Returns:
-        The ``metrics.json`` structure (``ScienceQAAccuracy.report``).
+        The ``metrics.json`` structure (``ScienceQAAccuracy.report``): LLaVA's scores, and lmms-eval's exact match
+        of the same answers under ``exact_match``.
     """
     metric = ScienceQAAccuracy(categories=key.categories, sync_on_compute=False)
     metric.update([answers.get(q.question_id) for q in key.questions], list(key.questions))
