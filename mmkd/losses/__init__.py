@@ -1,7 +1,7 @@
 """Distillation objectives as ``nn.Module``s over tensors (no Lightning): see docs/objectives.md."""
 
 from mmkd.losses.chunked import chunked_token_loss, default_chunk_size, fused_head_loss
-from mmkd.losses.clip import CLIPDistill
+from mmkd.losses.clip import CLIPDistill, clamp_logit_scale_
 from mmkd.losses.divergences import (
     JSD,
     ForwardKL,
@@ -35,6 +35,7 @@ __all__ = [
     "TotalVariation",
     "aligned_visual_rows",
     "build_divergence",
+    "clamp_logit_scale_",
     "chunked_token_loss",
     "default_chunk_size",
     "fused_head_loss",

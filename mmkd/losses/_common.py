@@ -1,10 +1,12 @@
-"""Shared helpers of the objectives: token selection, safe float32 log-softmax, visual-token grouping, pooling."""
+"""Shared helpers of the objectives: token selection, safe float32 log-softmax, visual-token grouping, pooling,
+and the all-gather of batch rows across ranks."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -216,3 +218,43 @@ def pool_pair(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
     """Pool the longer of two ``(n, D)`` token sequences to the shorter one's length."""
     n = min(student.shape[0], teacher.shape[0])
     return pool_tokens(student, n), pool_tokens(teacher, n)
+
+
+def gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Concatenate every rank's rows of each tensor, in rank order; this rank's own rows keep their gradient.
+
+    As open_clip's ``gather_features`` (``gather_with_grad=False``, ``local_loss=False``): the other ranks' rows
+    arrive without gradient and this rank's slice is replaced by the local tensor, so a loss over the global batch
+    back-propagates into the local rows only. Ranks may hold different numbers of rows (a last or stand-in batch):
+    the counts are exchanged first and the rows padded for the collective. Every rank must call this with the same
+    number of tensors, in the same order. A no-op (the same tensors) without an initialised process group or with
+    one process.
+
+    Args:
+        *tensors: ``(n, ...)`` each, the same ``n`` on this rank, any dtype.
+
+    Returns:
+        ``(N, ...)`` each, ``N`` the sum of every rank's ``n``.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n = tensors[0].shape[0]
+    if any(t.shape[0] != n for t in tensors):
+        raise ValueError(f"gather_rows: tensors have {[t.shape[0] for t in tensors]} rows; expected one count")
+    count = torch.tensor([n], dtype=torch.long, device=tensors[0].device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    top = max(sizes)
+    out = []
+    for t in tensors:
+        local = t.detach().contiguous()
+        if n < top:  # all_gather needs one shape on every rank
+            local = torch.cat([local, local.new_zeros((top - n, *local.shape[1:]))])
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local)
+        parts = [p[:size] for p, size in zip(parts, sizes)]
+        parts[rank] = t
+        out.append(torch.cat(parts))
+    return tuple(out)

@@ -1,1 +1,0 @@
-"""LightningModules, objective adapters, callbacks and stage builders (the only layer that imports Lightning)."""
