@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LOSS_TYPES = ("sigmoid", "ipo")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "kto_pair")
 
 
 def sequence_logprobs(
@@ -52,13 +52,23 @@ class DPODistill(nn.Module):
       smoothing of conservative DPO (the probability that a preference label is flipped).
     * ``"ipo"`` (Azar et al., 2023): ``(h − 1/(2β))²``; IPO is meant for length-averaged log-probabilities
       (``sequence_logprobs(..., average=True)``).
+    * ``"hinge"`` (SLiC, Zhao et al., 2023): ``max(0, 1 − β h)``.
+    * ``"kto_pair"`` (the paired KTO of the HALOs report, Ethayarajh et al., 2023; LLaVA-MoD's default): with the
+      log-ratios ``r_w = log π(y_w) − log π_ref(y_w)``, ``r_l`` likewise, and the batch KL estimates
+      ``KL_w = max(0, mean_batch r_w)``, ``KL_l = max(0, mean_batch r_l)``, each answer is scored against the
+      *other* half's estimate: ``1 − σ(β (r_w − KL_l))`` for every chosen answer and ``1 − σ(β (KL_w − r_l))`` for
+      every rejected one; the loss is the mean of those ``2B`` values. As in TRL's DPOTrainer (0.7) and the official
+      LLaVA-MoD code, the KL estimates are not detached, so the gradient also flows through them.
+
+    ``label_smoothing`` applies to ``"sigmoid"`` only (TRL ignores it for the others with a warning; here it is an
+    error).
 
     In LLaVA-MoD the reference is the teacher, so the student is pushed to prefer what the teacher prefers
     relative to the teacher's own likelihoods; any frozen model (e.g. the SFT student) works the same way.
 
     Args:
         beta: Strength of the implicit KL regulariser.
-        loss_type: ``"sigmoid"`` or ``"ipo"``.
+        loss_type: ``"sigmoid"``, ``"ipo"``, ``"hinge"`` or ``"kto_pair"``.
         label_smoothing: ``ε`` in ``[0, 0.5)``, sigmoid loss only.
     """
 
@@ -70,8 +80,8 @@ class DPODistill(nn.Module):
             raise ValueError(f"loss_type={loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"label_smoothing={label_smoothing}: expected 0 <= label_smoothing < 0.5")
-        if loss_type == "ipo" and label_smoothing:
-            raise ValueError("label_smoothing applies to loss_type='sigmoid' only")
+        if loss_type != "sigmoid" and label_smoothing:
+            raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only, not {loss_type!r}")
         self.beta = float(beta)
         self.loss_type = loss_type
         self.label_smoothing = float(label_smoothing)
@@ -92,7 +102,8 @@ class DPODistill(nn.Module):
             reference_rejected_logps: ``(B,)``.
 
         Returns:
-            The scalar float32 loss, and detached batch means ``chosen_reward`` (``β·(log π − log π_ref)`` of
+            The scalar float32 loss (the batch mean; for ``"kto_pair"`` the mean over the ``2B`` answer scores), and
+            detached batch means ``chosen_reward`` (``β·(log π − log π_ref)`` of
             the chosen answers), ``rejected_reward``, ``margin`` (their difference) and ``accuracy`` (fraction
             with chosen reward > rejected reward).
         """
@@ -106,8 +117,16 @@ class DPODistill(nn.Module):
         if self.loss_type == "sigmoid":
             eps = self.label_smoothing
             losses = -(1 - eps) * F.logsigmoid(self.beta * h) - eps * F.logsigmoid(-self.beta * h)
-        else:
+        elif self.loss_type == "ipo":
             losses = (h - 1 / (2 * self.beta)) ** 2
+        elif self.loss_type == "hinge":
+            losses = torch.relu(1 - self.beta * h)
+        else:
+            # Each half's KL reference is estimated from the other half (KTO report), clamped at 0.
+            chosen_kl = chosen.mean().clamp(min=0)
+            rejected_kl = rejected.mean().clamp(min=0)
+            losses = torch.cat([1 - torch.sigmoid(self.beta * (chosen - rejected_kl)),
+                                1 - torch.sigmoid(self.beta * (chosen_kl - rejected))])
         chosen_reward = self.beta * chosen.detach()
         rejected_reward = self.beta * rejected.detach()
         metrics = {

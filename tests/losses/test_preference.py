@@ -56,3 +56,45 @@ def test_dpo_ipo_and_equal_policy_and_reference():
         DPODistill(loss_type="ipo", label_smoothing=0.1)
     with pytest.raises(ValueError, match="one \\(B,\\) shape"):
         DPODistill()(x, x, x, x[:1])
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_dpo_hinge_against_a_direct_computation():
+    pc, pr = torch.tensor([-5.0, -7.0, -2.0]), torch.tensor([-6.0, -6.0, -9.0])
+    rc, rr = torch.tensor([-5.5, -7.0, -3.0]), torch.tensor([-5.5, -6.5, -4.0])
+    loss, _ = DPODistill(beta=0.5, loss_type="hinge")(pc, pr, rc, rr)
+    hs = [((a - c) - (b - d)) for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())]
+    assert hs == [1.0, -0.5, 6.0]
+    expected = sum(max(0.0, 1 - 0.5 * h) for h in hs) / 3  # the third pair is past the margin: 0
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dpo_kto_pair_against_a_direct_computation():
+    # TRL 0.7 / LLaVA-MoD: KL_w = max(0, mean(r_w)), KL_l = max(0, mean(r_l)); scores 1 - σ(β(r_w - KL_l)) for the
+    # chosen half and 1 - σ(β(KL_w - r_l)) for the rejected half; mean over the 2B scores; KL estimates not detached.
+    pc = torch.tensor([-5.0, -7.0, -2.0], requires_grad=True)
+    pr = torch.tensor([-6.0, -6.0, -9.0], requires_grad=True)
+    rc, rr = torch.tensor([-5.5, -7.5, -3.0]), torch.tensor([-5.5, -6.5, -4.0])
+    beta = 0.3
+    loss, metrics = DPODistill(beta=beta, loss_type="kto_pair")(pc, pr, rc, rr)
+    r_w = [a - c for a, c in zip(pc.tolist(), rc.tolist())]  # [0.5, 0.5, 1.0]
+    r_l = [b - d for b, d in zip(pr.tolist(), rr.tolist())]  # [-0.5, 0.5, -5.0]
+    kl_w, kl_l = max(0.0, sum(r_w) / 3), max(0.0, sum(r_l) / 3)
+    assert kl_l == 0.0 and kl_w == pytest.approx(2 / 3)
+    scores = [1 - _sigmoid(beta * (r - kl_l)) for r in r_w] + [1 - _sigmoid(beta * (kl_w - r)) for r in r_l]
+    assert loss.item() == pytest.approx(sum(scores) / 6, rel=1e-6)
+    assert metrics["chosen_reward"].item() == pytest.approx(beta * sum(r_w) / 3)
+    # The gradient flows through KL_w (positive): d/d pc_i has the direct term and the KL term of every rejected
+    # score. With s = σ(β x), d(1 - s)/dx = -β s (1 - s).
+    loss.backward()
+    ds = [-beta * _sigmoid(beta * (r - kl_l)) * (1 - _sigmoid(beta * (r - kl_l))) for r in r_w]
+    dk = sum(-beta * _sigmoid(beta * (kl_w - r)) * (1 - _sigmoid(beta * (kl_w - r))) for r in r_l)
+    expected_grad = [(d + dk / 3) / 6 for d in ds]
+    assert pc.grad.tolist() == pytest.approx(expected_grad, rel=1e-5)
+    with pytest.raises(ValueError, match="not 'kto_pair'"):
+        DPODistill(loss_type="kto_pair", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="expected one of sigmoid, ipo, hinge, kto_pair"):
+        DPODistill(loss_type="bco")
