@@ -10,6 +10,9 @@ from torch import Tensor
 from mmkd.losses._common import kl_from_logprobs, safe_log_softmax
 from mmkd.losses.divergences import TokenDivergence
 
+# What drives the adaptive update: the loss itself (the KL) or, as the official code, the cross-entropy to the target.
+UPDATE_ON = ("kl", "ce")
+
 
 class TAID(TokenDivergence):
     """KL from an adaptive interpolation between student and teacher to the student.
@@ -28,6 +31,20 @@ class TAID(TokenDivergence):
     previous loss and the step count are buffers, so ``state_dict()`` (and a Lightning checkpoint of a module
     holding this loss) resumes the schedule exactly.
 
+    **What drives the update** (``update_on``). The loss is ``KL(p_t‖p_S)``; the official code (SakanaAI/TAID,
+    ``src/distil_losses/taid.py`` with DistiLLM's ``forward_kl``) optimises and feeds ``update_t`` the cross-entropy
+    ``H(p_t, p_S) = −Σ_v p_t log p_S`` instead, which is ``KL(p_t‖p_S) + H(p_t)``: the same gradient (``p_t`` is
+    constant) but a different value, hence a different relative change ``δ_n``. With ``update_on="ce"`` every
+    per-token evaluation (full logits or chunk by chunk through :func:`mmkd.losses.chunked_token_loss`) also sums
+    the target entropy ``H(p_t)`` of its rows, and :meth:`update_value` turns a computed loss into that
+    cross-entropy (and clears the sum)::
+
+        loss = taid(student_logits, teacher_logits, mask)      # or chunked_token_loss(taid, ...)
+        value = taid.update_value(loss)                        # CE with update_on="ce", the loss itself with "kl"
+        taid.step(value)                                       # after the optimizer step (training only)
+
+    Call :meth:`update_value` once after each loss computation (validation too, or the sum leaks into the next).
+
     Args:
         total_steps: Training steps of the stage, for the linear floor; ``step(..., progress=)`` overrides it.
         t_start: Initial interpolation (paper: 0.4).
@@ -36,6 +53,8 @@ class TAID(TokenDivergence):
         beta: Momentum of the relative loss change (paper: 0.99).
         adaptive: False gives the plain linear schedule (the paper's ablation).
         temperature, scale_by_t2, reduction: As in :class:`TokenDivergence`.
+        update_on: ``"kl"`` (the loss) or ``"ce"`` (the official code's cross-entropy to ``p_t``; needs
+            reduction ``"mean"`` or ``"sum"``), what :meth:`update_value` returns for :meth:`step`.
     """
 
     def __init__(
@@ -49,8 +68,18 @@ class TAID(TokenDivergence):
         temperature: float = 1.0,
         scale_by_t2: bool = False,
         reduction: str = "mean",
+        update_on: str = "kl",
     ) -> None:
         super().__init__(temperature, scale_by_t2, reduction)
+        if update_on not in UPDATE_ON:
+            raise ValueError(f"update_on={update_on!r}: expected one of {', '.join(UPDATE_ON)}")
+        if update_on == "ce" and self.reduction == "none":
+            raise ValueError("update_on='ce' needs reduction 'mean' or 'sum' (a scalar loss to add the entropy to)")
+        self.update_on = update_on
+        # The target entropy summed over the rows evaluated since the last update_value() (update_on="ce" only);
+        # plain attributes, not buffers: they belong to one loss computation, not to the schedule's state.
+        self._entropy_sum: Tensor | None = None
+        self._entropy_rows = 0
         if total_steps < 1:
             raise ValueError(f"total_steps={total_steps}: expected a positive number of training steps")
         if not 0.0 <= t_start <= t_end <= 1.0:
@@ -102,6 +131,39 @@ class TAID(TokenDivergence):
         self.num_steps.add_(1)
         return float(self.t)
 
+    @torch.no_grad()
+    def update_value(self, loss: Tensor | float) -> Tensor:
+        """The value :meth:`step` should receive for ``loss``, the loss just computed over some tokens.
+
+        With ``update_on="kl"``: ``loss`` itself. With ``"ce"``: the cross-entropy to the interpolated target,
+        ``loss`` plus the target entropy of the rows evaluated since the last call (their mean for reduction
+        ``"mean"``, their sum for ``"sum"``; times ``temperature²`` with ``scale_by_t2``), exactly the official
+        code's loss value. Clears the entropy sum either way.
+
+        Args:
+            loss: The TAID loss (a detached or attached scalar tensor, or a float).
+
+        Returns:
+            Detached float32 scalar.
+        """
+        value = loss.detach().float() if isinstance(loss, Tensor) else torch.tensor(float(loss))
+        total, rows = self._entropy_sum, self._entropy_rows
+        self._entropy_sum, self._entropy_rows = None, 0
+        if self.update_on == "kl" or total is None:
+            return value
+        entropy = total if self.reduction == "sum" else total / max(rows, 1)
+        if self.scale_by_t2:
+            entropy = entropy * self.temperature**2
+        return value + entropy.to(device=value.device, dtype=value.dtype)
+
+    @torch.no_grad()
+    def _record_entropy(self, target_logp: Tensor) -> None:
+        # H(p_t) has no gradient (p_t is built from detached logits): CE = KL + H(p_t) in value only. Floored -inf
+        # entries give p = 0 and 0·(-1e30) = 0.
+        entropy = -(target_logp.exp() * target_logp).sum(-1).sum(dtype=torch.float64)
+        self._entropy_sum = entropy if self._entropy_sum is None else self._entropy_sum + entropy
+        self._entropy_rows += int(target_logp.shape[:-1].numel())
+
     def divergence(self, logp: Tensor, teacher_logp: Tensor, logits: Tensor) -> Tensor:
         raise NotImplementedError  # per_token is overridden: TAID interpolates logits, not log-probabilities
 
@@ -121,10 +183,12 @@ class TAID(TokenDivergence):
         logp = safe_log_softmax(logits / self.temperature)
         target_logp = safe_log_softmax(mixed / self.temperature)
         values = kl_from_logprobs(target_logp, logp)
+        if self.update_on == "ce":
+            self._record_entropy(target_logp)
         return values * self.temperature**2 if self.scale_by_t2 else values
 
     def extra_repr(self) -> str:
         return (
             f"total_steps={self.total_steps}, t_start={self.t_start}, t_end={self.t_end}, alpha={self.alpha}, "
-            f"beta={self.beta}, adaptive={self.adaptive}, " + super().extra_repr()
+            f"beta={self.beta}, adaptive={self.adaptive}, update_on={self.update_on!r}, " + super().extra_repr()
         )

@@ -69,3 +69,58 @@ def test_non_adaptive_is_linear_and_bad_losses_are_skipped():
     assert taid.interpolation == before and float(taid.prev_loss) == 0.3
     with pytest.raises(ValueError, match="total_steps=0"):
         TAID(total_steps=0)
+
+
+def _ce_to_target(student_logits, teacher_logits, t, temperature=1.0):
+    """The official code's TAID value: −Σ softmax(((1−t)·z_S + t·z_T)/T) · log_softmax(z_S/T), mean over rows."""
+    target = torch.softmax(((1 - t) * student_logits + t * teacher_logits) / temperature, -1)
+    return -(target * torch.log_softmax(student_logits / temperature, -1)).sum(-1).mean()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_update_value_is_the_cross_entropy_to_the_target(temperature):
+    g = torch.Generator().manual_seed(3)
+    s, te = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    taid = TAID(total_steps=100, t_start=0.3, update_on="ce", temperature=temperature, scale_by_t2=True)
+    loss = taid(s, te, mask)
+    value = taid.update_value(loss)
+    expected = _ce_to_target(s[mask], te[mask], 0.3, temperature) * temperature**2
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert value.item() > loss.item()  # CE = KL + H(p_t), H > 0
+    # The sum is cleared: the next value sees only the rows of the next loss.
+    loss2 = taid(s[:1], te[:1], mask[:1])
+    expected2 = _ce_to_target(s[:1][mask[:1]], te[:1][mask[:1]], 0.3, temperature) * temperature**2
+    assert taid.update_value(loss2).item() == pytest.approx(expected2.item(), rel=1e-5)
+    # The KL default hands the loss through unchanged, bit for bit the same loss as before.
+    kl = TAID(total_steps=100, t_start=0.3, temperature=temperature, scale_by_t2=True)
+    kl_loss = kl(s, te, mask)
+    assert torch.equal(kl_loss, loss) and torch.equal(kl.update_value(kl_loss), kl_loss)
+    with pytest.raises(ValueError, match="update_on='entropy'"):
+        TAID(total_steps=10, update_on="entropy")
+    with pytest.raises(ValueError, match="needs reduction"):
+        TAID(total_steps=10, update_on="ce", reduction="none")
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_update_value_through_the_chunked_path(requires_grad):
+    from mmkd.losses import chunked_token_loss
+
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 7, 6, generator=g, requires_grad=requires_grad)
+    teacher_hidden = torch.randn(2, 7, 5, generator=g)
+    head, teacher_head = torch.randn(13, 6, generator=g), torch.randn(13, 5, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 1, 1, 0], [1, 0, 1, 1, 1, 0, 1]], dtype=torch.bool)
+    taid = TAID(total_steps=100, t_start=0.55, update_on="ce")
+    taid.step(2.0)  # t stays 0.55 on the first step
+    loss = chunked_token_loss(taid, hidden, head, teacher_hidden, teacher_head, mask=mask, chunk_size=3)
+    value = taid.update_value(loss)
+    with torch.no_grad():
+        expected = _ce_to_target((hidden @ head.t())[mask], (teacher_hidden @ teacher_head.t())[mask], 0.55)
+        full = TAID(total_steps=100, t_start=0.55)(hidden @ head.t(), teacher_hidden @ teacher_head.t(), mask)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(full.item(), rel=1e-5)
+    # Summed reduction: the entropies are summed too.
+    summed = TAID(total_steps=100, t_start=0.55, update_on="ce", reduction="sum")
+    loss = chunked_token_loss(summed, hidden, head, teacher_hidden, teacher_head, mask=mask, chunk_size=4)
+    assert summed.update_value(loss).item() == pytest.approx(expected.item() * int(mask.sum()), rel=1e-5)
