@@ -25,6 +25,10 @@ from transformers import PreTrainedModel, Qwen2MoeConfig, Qwen2MoeForCausalLM
 _DENSE_TYPES = ("qwen2", "llama", "mistral", "qwen3")
 
 Z_LOSS_KEY = "router_z_loss_coef"
+# How the router losses of the MoE layers combine: "mean" (mmkd's default) or "sum" (LLaVA-MoD's official code,
+# ``router_aux_loss_coef * sum(moe_losses)``). A custom config attribute like Z_LOSS_KEY: a reloaded student keeps it.
+ROUTER_REDUCTION_KEY = "router_layer_reduction"
+LAYER_REDUCTIONS = ("mean", "sum")
 
 
 class RouterLossCollector:
@@ -39,10 +43,20 @@ class RouterLossCollector:
         top_k: Experts used per token.
         aux_coef: Weight of the load-balancing loss.
         z_coef: Weight of the router z-loss.
+        layer_reduction: ``"mean"`` or ``"sum"`` of each loss over the MoE layers.
     """
 
-    def __init__(self, model: nn.Module, num_experts: int, top_k: int, aux_coef: float, z_coef: float) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        num_experts: int,
+        top_k: int,
+        aux_coef: float,
+        z_coef: float,
+        layer_reduction: str = "mean",
+    ) -> None:
         self.num_experts, self.top_k, self.aux_coef, self.z_coef = num_experts, top_k, aux_coef, z_coef
+        self.layer_reduction = _check_layer_reduction(layer_reduction)
         self._logits: list[Tensor] = []
         self._active = False
         self.gates = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
@@ -59,6 +73,7 @@ class RouterLossCollector:
             text_config.num_experts_per_tok,
             float(getattr(text_config, "router_aux_loss_coef", 0.0)),
             float(getattr(text_config, Z_LOSS_KEY, 0.0)),
+            str(getattr(text_config, ROUTER_REDUCTION_KEY, "mean")),
         )
         return collector if collector.gates else None
 
@@ -77,15 +92,27 @@ class RouterLossCollector:
             return None
         mask = None if attention_mask is None else attention_mask.reshape(-1).float()
         loss = logits[0].new_zeros((), dtype=torch.float32)
+        reduction = self.layer_reduction
         if self.aux_coef:
-            loss = loss + self.aux_coef * load_balancing_loss(logits, self.num_experts, self.top_k, mask)
+            loss = loss + self.aux_coef * load_balancing_loss(logits, self.num_experts, self.top_k, mask, reduction)
         if self.z_coef:
-            loss = loss + self.z_coef * router_z_loss(logits, mask)
+            loss = loss + self.z_coef * router_z_loss(logits, mask, reduction)
         return loss
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def _check_layer_reduction(reduction: str) -> str:
+    if reduction not in LAYER_REDUCTIONS:
+        raise ValueError(f"router_layer_reduction={reduction!r}: expected one of {', '.join(LAYER_REDUCTIONS)}")
+    return reduction
+
+
+def _reduce_layers(losses: list[Tensor], reduction: str) -> Tensor:
+    stacked = torch.stack(losses)
+    return stacked.sum() if reduction == "sum" else stacked.mean()
 
 
 def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
@@ -95,29 +122,37 @@ def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
     return (x * m).sum(0) / m.sum().clamp_min(1.0)
 
 
-def load_balancing_loss(logits: list[Tensor], num_experts: int, top_k: int, mask: Tensor | None = None) -> Tensor:
-    """Switch-Transformer load balancing, ``E * sum_e f_e * P_e``, averaged over layers.
+def load_balancing_loss(
+    logits: list[Tensor],
+    num_experts: int,
+    top_k: int,
+    mask: Tensor | None = None,
+    layer_reduction: str = "mean",
+) -> Tensor:
+    """Switch-Transformer load balancing, ``E * sum_e f_e * P_e``, averaged (or summed) over layers.
 
     Args:
         logits: One ``(tokens, E)`` tensor per MoE layer.
         num_experts: E.
         top_k: Experts chosen per token (f_e counts top-k assignments, divided by k so f sums to one).
         mask: ``(tokens,)`` 1 on real tokens, or None.
+        layer_reduction: ``"mean"`` over layers, or ``"sum"`` (LLaVA-MoD's official code).
 
     Returns:
-        Scalar; 1.0 for perfectly balanced routing.
+        Scalar; 1.0 per layer for perfectly balanced routing.
     """
     losses = []
     for layer in logits:
         probs = layer.float().softmax(-1)
         chosen = torch.zeros_like(probs).scatter_(1, probs.topk(top_k, dim=-1).indices, 1.0 / top_k)
         losses.append(num_experts * (_masked_mean(chosen, mask) * _masked_mean(probs, mask)).sum())
-    return torch.stack(losses).mean()
+    return _reduce_layers(losses, _check_layer_reduction(layer_reduction))
 
 
-def router_z_loss(logits: list[Tensor], mask: Tensor | None = None) -> Tensor:
-    """ST-MoE router z-loss, mean of ``logsumexp(logits)^2`` over tokens, averaged over layers."""
-    return torch.stack([_masked_mean(layer.float().logsumexp(-1).square(), mask) for layer in logits]).mean()
+def router_z_loss(logits: list[Tensor], mask: Tensor | None = None, layer_reduction: str = "mean") -> Tensor:
+    """ST-MoE router z-loss, mean of ``logsumexp(logits)^2`` over tokens, averaged (or summed) over layers."""
+    losses = [_masked_mean(layer.float().logsumexp(-1).square(), mask) for layer in logits]
+    return _reduce_layers(losses, _check_layer_reduction(layer_reduction))
 
 
 @contextlib.contextmanager
@@ -128,7 +163,22 @@ def quiet_empty_init() -> Iterator[None]:
         yield
 
 
-def _moe_config(dense: Any, num_experts: int, top_k: int, every: int, aux: float, z: float) -> Qwen2MoeConfig:
+def _moe_layers(num_layers: int, every: int, first_moe_layer: int | None) -> list[int]:
+    """0-based indices of the MoE layers: ``first, first + every, ...``; ``first`` defaults to ``every - 1``."""
+    first = every - 1 if first_moe_layer is None else first_moe_layer
+    return list(range(first, num_layers, every))
+
+
+def _moe_config(
+    dense: Any,
+    num_experts: int,
+    top_k: int,
+    every: int,
+    aux: float,
+    z: float,
+    first_moe_layer: int | None = None,
+    router_layer_reduction: str = "mean",
+) -> Qwen2MoeConfig:
     if dense.model_type not in _DENSE_TYPES:
         raise ValueError(
             f"upcycle_to_moe: cannot upcycle a {dense.model_type!r} LM; expected one of {', '.join(_DENSE_TYPES)}"
@@ -137,6 +187,17 @@ def _moe_config(dense: Any, num_experts: int, top_k: int, every: int, aux: float
         raise ValueError(f"upcycle_to_moe: top_k={top_k} must be between 1 and num_experts={num_experts}")
     if every < 1:
         raise ValueError(f"upcycle_to_moe: every={every} must be >= 1")
+    layers = dense.num_hidden_layers
+    if first_moe_layer is not None and not 0 <= first_moe_layer < layers:
+        raise ValueError(f"upcycle_to_moe: first_moe_layer={first_moe_layer} must be between 0 and {layers - 1}")
+    _check_layer_reduction(router_layer_reduction)
+    # Qwen2-MoE's own rule puts experts on layers every-1, 2*every-1, ... (decoder_sparse_step); any other placement
+    # is its mlp_only_layers list (a standard config field: the saved model reloads in plain transformers).
+    moe_layers = _moe_layers(layers, every, first_moe_layer)
+    if first_moe_layer is None or first_moe_layer == every - 1:
+        sparse_step, mlp_only = every, []
+    else:
+        sparse_step, mlp_only = 1, [i for i in range(layers) if i not in moe_layers]
     if getattr(dense, "mlp_bias", False) or getattr(dense, "hidden_act", "silu") not in ("silu", "swish"):
         raise ValueError("upcycle_to_moe: the dense MLP must be a bias-free SwiGLU (silu) as in Qwen2/Llama")
     head_dim = getattr(dense, "head_dim", None) or dense.hidden_size // dense.num_attention_heads
@@ -157,7 +218,8 @@ def _moe_config(dense: Any, num_experts: int, top_k: int, every: int, aux: float
         attention_dropout=getattr(dense, "attention_dropout", 0.0),
         # Expert width equal to the dense MLP, no shared expert, renormalised top-k: the conditions under which
         # identical experts reproduce the dense model exactly.
-        decoder_sparse_step=every,
+        decoder_sparse_step=sparse_step,
+        mlp_only_layers=mlp_only,
         moe_intermediate_size=dense.intermediate_size,
         shared_expert_intermediate_size=0,
         num_experts=num_experts,
@@ -172,12 +234,24 @@ def _moe_config(dense: Any, num_experts: int, top_k: int, every: int, aux: float
     )
     cfg.head_dim = head_dim
     setattr(cfg, Z_LOSS_KEY, z)
+    setattr(cfg, ROUTER_REDUCTION_KEY, router_layer_reduction)
     return cfg
 
 
 @torch.no_grad()
-def _upcycle_lm(dense: PreTrainedModel, num_experts: int, top_k: int, every: int, aux: float, z: float) -> nn.Module:
-    cfg = _moe_config(dense.config, num_experts, top_k, every, aux, z)
+def _upcycle_lm(
+    dense: PreTrainedModel,
+    num_experts: int,
+    top_k: int,
+    every: int,
+    aux: float,
+    z: float,
+    *,
+    first_moe_layer: int | None = None,
+    router_layer_reduction: str = "mean",
+) -> nn.Module:
+    """The Qwen2-MoE upcycling of a dense causal LM; arguments as :func:`upcycle_to_moe`."""
+    cfg = _moe_config(dense.config, num_experts, top_k, every, aux, z, first_moe_layer, router_layer_reduction)
     cfg._attn_implementation = dense.config._attn_implementation
     with quiet_empty_init():
         moe = Qwen2MoeForCausalLM(cfg).to(dense.dtype)
@@ -214,6 +288,9 @@ def upcycle_to_moe(
     every: int = 1,
     router_aux_loss_coef: float = 0.01,
     z_loss_coef: float = 0.0,
+    *,
+    first_moe_layer: int | None = None,
+    router_layer_reduction: str = "mean",
 ) -> Any:
     """Turn a dense causal LM (or the LM inside an MLLMStudent) into a Qwen2-MoE by sparse upcycling.
 
@@ -221,20 +298,34 @@ def upcycle_to_moe(
         model: A dense transformers causal LM (Qwen2, Llama, Mistral, Qwen3) or an ``MLLMStudent``.
         num_experts: Experts per MoE layer, each a copy of the dense MLP.
         top_k: Experts per token (weights renormalised to sum to one).
-        every: MoE on every ``every``-th layer (1: all layers, 2: layers 2, 4, ...), dense MLP elsewhere.
+        every: MoE on every ``every``-th layer, dense MLP elsewhere. By default on the 0-based layers
+            ``every−1, 2·every−1, ...`` (1: all layers; 2: layers 1, 3, 5, ...; Qwen2-MoE's ``decoder_sparse_step``).
         router_aux_loss_coef: Weight of the load-balancing loss in ``ModelOutput.aux_loss``.
         z_loss_coef: Weight of the router z-loss in ``ModelOutput.aux_loss``.
+        first_moe_layer: The first MoE layer (0-based): MoE on ``first, first + every, ...``. LLaVA-MoD's
+            ``moe_mode="sparse"`` is ``every=2, first_moe_layer=0`` (layers 0, 2, 4, ...). None keeps the default
+            above.
+        router_layer_reduction: ``"mean"`` (default) or ``"sum"`` (LLaVA-MoD) of the router losses over the MoE
+            layers; stored in the text config, so a reloaded model keeps it.
 
     Returns:
         A ``Qwen2MoeForCausalLM`` for a bare LM, or the same ``MLLMStudent`` with its LM replaced.
     """
     if hasattr(model, "upcycle_language_model"):
-        return model.upcycle_language_model(num_experts, top_k, every, router_aux_loss_coef, z_loss_coef)
+        # Only options that differ from their defaults are passed, so a student whose upcycle_language_model
+        # predates them keeps working with the defaults.
+        options: dict[str, Any] = {}
+        if first_moe_layer is not None:
+            options["first_moe_layer"] = first_moe_layer
+        if router_layer_reduction != "mean":
+            options["router_layer_reduction"] = router_layer_reduction
+        return model.upcycle_language_model(num_experts, top_k, every, router_aux_loss_coef, z_loss_coef, **options)
     if not isinstance(model, PreTrainedModel):
         raise ValueError(
             f"upcycle_to_moe: expected a transformers causal LM or MLLMStudent, got {type(model).__name__}"
         )
-    return _upcycle_lm(model, num_experts, top_k, every, router_aux_loss_coef, z_loss_coef)
+    return _upcycle_lm(model, num_experts, top_k, every, router_aux_loss_coef, z_loss_coef,
+                       first_moe_layer=first_moe_layer, router_layer_reduction=router_layer_reduction)
 
 
 class UpcycleToMoE:
@@ -246,6 +337,8 @@ class UpcycleToMoE:
         every: MoE on every ``every``-th layer.
         router_aux_loss_coef: Load-balancing loss weight.
         z_loss_coef: Router z-loss weight.
+        first_moe_layer: The first MoE layer (LLaVA-MoD: 0 with ``every=2``); None: ``every - 1``.
+        router_layer_reduction: ``"mean"`` or ``"sum"`` (LLaVA-MoD) of the router losses over the MoE layers.
     """
 
     def __init__(
@@ -255,13 +348,18 @@ class UpcycleToMoE:
         every: int = 1,
         router_aux_loss_coef: float = 0.01,
         z_loss_coef: float = 0.0,
+        first_moe_layer: int | None = None,
+        router_layer_reduction: str = "mean",
     ) -> None:
         self.num_experts, self.top_k, self.every = num_experts, top_k, every
         self.router_aux_loss_coef, self.z_loss_coef = router_aux_loss_coef, z_loss_coef
+        self.first_moe_layer, self.router_layer_reduction = first_moe_layer, _check_layer_reduction(
+            router_layer_reduction)
 
     def __call__(self, student: Any) -> Any:
         return upcycle_to_moe(
-            student, self.num_experts, self.top_k, self.every, self.router_aux_loss_coef, self.z_loss_coef
+            student, self.num_experts, self.top_k, self.every, self.router_aux_loss_coef, self.z_loss_coef,
+            first_moe_layer=self.first_moe_layer, router_layer_reduction=self.router_layer_reduction,
         )
 
 

@@ -1,4 +1,5 @@
-"""Sparse upcycling to Qwen2-MoE: equality with the dense source, router losses, parameter counts."""
+"""Sparse upcycling to Qwen2-MoE: equality with the dense source, expert placement, router losses and their
+reduction over layers, parameter counts."""
 
 from __future__ import annotations
 
@@ -153,3 +154,87 @@ def test_bad_arguments_are_one_line_errors() -> None:
         upcycle_to_moe(_qwen2(), 4, 5)
     with pytest.raises(ValueError, match="expected a transformers causal LM"):
         upcycle_to_moe(torch.nn.Linear(2, 2), 4, 2)
+
+
+@pytest.mark.parametrize("router_seed", [0, 1])
+def test_experts_on_even_layers_reload_in_plain_transformers_and_equal_dense(tmp_path, router_seed) -> None:
+    # LLaVA-MoD's moe_mode="sparse": moe_layers_idx = range(num_layers)[::2] -> layers 0, 2.
+    dense = _qwen2()
+    moe = upcycle_to_moe(dense, num_experts=4, top_k=2, every=2, first_moe_layer=0).eval()
+    assert [hasattr(layer.mlp, "experts") for layer in moe.model.layers] == [True, False, True, False]
+    assert moe.config.mlp_only_layers == [1, 3] and moe.config.decoder_sparse_step == 1
+    _randomise_routers(moe, router_seed)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+    moe.save_pretrained(tmp_path)
+    with quiet_empty_init():
+        back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(back).__name__ == "Qwen2MoeForCausalLM"
+    assert [hasattr(layer.mlp, "experts") for layer in back.model.layers] == [True, False, True, False]
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+    # Any offset: every third layer from layer 0 -> layers 0 and 3.
+    assert [hasattr(m.mlp, "experts") for m in upcycle_to_moe(_qwen2(), 2, 1, every=3, first_moe_layer=0)
+            .model.layers] == [True, False, False, True]
+    # The default placement is Qwen2-MoE's decoder_sparse_step rule, unchanged.
+    default = upcycle_to_moe(_qwen2(), 4, 2, every=2)
+    assert default.config.mlp_only_layers == [] and default.config.decoder_sparse_step == 2
+    assert upcycle_to_moe(_qwen2(), 4, 2, every=2, first_moe_layer=1).config.to_dict() == default.config.to_dict()
+
+
+def _layer_summed_reference(logits, mask, num_experts, top_k, aux, z):
+    """LLaVA-MoD's reduction, written out: coef * Σ_layers of each layer's loss (Switch balance, ST-MoE z)."""
+    keep = [i for i, m in enumerate(mask.reshape(-1).tolist()) if m]
+    balance = zloss = 0.0
+    for layer in logits:
+        rows = layer.detach().float()[keep]
+        probs = rows.softmax(-1)
+        f = [0.0] * num_experts
+        for token in probs:
+            for e in token.topk(top_k).indices.tolist():
+                f[e] += 1.0 / (top_k * len(keep))
+        p = probs.mean(0).tolist()
+        balance += num_experts * sum(fe * pe for fe, pe in zip(f, p))
+        zloss += sum(float(torch.logsumexp(token, 0)) ** 2 for token in rows) / len(keep)
+    return aux * balance + z * zloss
+
+
+def test_router_losses_summed_over_layers_survive_a_reload(tmp_path) -> None:
+    moe = upcycle_to_moe(_qwen2(), 4, 2, every=1, router_aux_loss_coef=0.01, z_loss_coef=0.001,
+                         router_layer_reduction="sum")
+    _randomise_routers(moe, 5)
+    moe.save_pretrained(tmp_path)
+    with quiet_empty_init():
+        back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert back.config.router_layer_reduction == "sum"
+    collector = RouterLossCollector.attach(back, back.config)
+    assert collector.layer_reduction == "sum"
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(8))
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    collector.start()
+    with torch.no_grad():
+        back(ids, attention_mask=mask)
+    logits = list(collector._logits)
+    summed = collector.finish(mask)
+    assert len(logits) == 4
+    expected = _layer_summed_reference(logits, mask, 4, 2, 0.01, 0.001)
+    assert summed.item() == pytest.approx(expected, rel=1e-5)
+    # The mean (default) is that divided by the number of MoE layers.
+    flat = mask.reshape(-1).float()
+    mean = 0.01 * load_balancing_loss(logits, 4, 2, flat) + 0.001 * router_z_loss(logits, flat)
+    assert mean.item() == pytest.approx(expected / 4, rel=1e-5)
+    # A student upcycled before the option existed has no attribute: the mean.
+    assert RouterLossCollector.attach(moe, moe.config).layer_reduction == "sum"
+    plain = upcycle_to_moe(_qwen2(), 4, 2)
+    delattr(plain.config, "router_layer_reduction")
+    assert RouterLossCollector.attach(plain, plain.config).layer_reduction == "mean"
+
+
+def test_placement_and_reduction_errors_are_one_line() -> None:
+    with pytest.raises(ValueError, match="first_moe_layer=4 must be between 0 and 3"):
+        upcycle_to_moe(_qwen2(), 4, 2, first_moe_layer=4)
+    with pytest.raises(ValueError, match="router_layer_reduction='max': expected one of mean, sum"):
+        upcycle_to_moe(_qwen2(), 4, 2, router_layer_reduction="max")
+    with pytest.raises(ValueError, match="router_layer_reduction='max'"):
+        UpcycleToMoE(router_layer_reduction="max")
