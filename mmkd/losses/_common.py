@@ -154,6 +154,7 @@ def visual_groups(
     teacher_visual_mask: Tensor,
     tokens_per_image: int | None,
     teacher_tokens_per_image: int | None,
+    split_runs: bool = False,
 ) -> list[tuple[int, Tensor, Tensor]]:
     """Pair each image's (or, without token counts, each sample's) visual positions on the two sides.
 
@@ -163,6 +164,8 @@ def visual_groups(
         tokens_per_image: Student visual tokens per image (``vision_features.shape[1]``), or None when
             unknown or different per image.
         teacher_tokens_per_image: Teacher visual tokens per image, or None.
+        split_runs: Pair images even without a count on either side: each side's images are its runs of
+            consecutive visual positions (needed to find each image's base grid).
 
     Returns:
         One ``(sample, student_positions (n,), teacher_positions (n',))`` per image; samples without images
@@ -181,7 +184,7 @@ def visual_groups(
             continue
         if n == 0 or nt == 0:
             raise ValueError(f"sample {b}: student has {n} visual tokens but teacher has {nt}; both need the image")
-        if tokens_per_image is None and teacher_tokens_per_image is None:
+        if tokens_per_image is None and teacher_tokens_per_image is None and not split_runs:
             groups.append((b, pos, teacher_pos))
             continue
         images = _split_images(pos, tokens_per_image, b, "student")
@@ -214,10 +217,49 @@ def pool_tokens(x: Tensor, length: int) -> Tensor:
     return F.adaptive_avg_pool1d(x.t().unsqueeze(0), length).squeeze(0).t()
 
 
-def pool_pair(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
-    """Pool the longer of two ``(n, D)`` token sequences to the shorter one's length."""
-    n = min(student.shape[0], teacher.shape[0])
-    return pool_tokens(student, n), pool_tokens(teacher, n)
+def square_side(n: int) -> int | None:
+    """``g`` when ``n == g * g``, else None."""
+    g = math.isqrt(n)
+    return g if g * g == n else None
+
+
+def pool_grid(x: Tensor, side: int) -> Tensor:
+    """Adaptive average pooling of a square token grid, ``(g·g, D) -> (side·side, D)``, both in row-major order.
+
+    The tokens of an image's grid are rows of a ``g x g`` map: pooling the map keeps spatial neighbours together,
+    where 1-D pooling of the flattened sequence would average the ends of one row with the start of the next.
+    """
+    g = square_side(x.shape[0])
+    if g is None:
+        raise ValueError(f"pool_grid: {x.shape[0]} tokens are not a square grid")
+    if g == side:
+        return x
+    width = x.shape[1]
+    pooled = F.adaptive_avg_pool2d(x.t().reshape(1, width, g, g), side)
+    return pooled.reshape(width, side * side).t()
+
+
+def pool_pair(student: Tensor, teacher: Tensor, grid: bool = False) -> tuple[Tensor, Tensor]:
+    """Pool the longer of two ``(n, D)`` token sequences to the shorter one's length.
+
+    Args:
+        student: ``(n, D)``.
+        teacher: ``(n', D')``.
+        grid: The sequences are square grids in row-major order (an image's base grid): when the counts differ and
+            both are perfect squares, pool the longer on the 2-D grid (:func:`pool_grid`); otherwise, and always
+            without ``grid``, adaptive 1-D pooling along the sequence.
+
+    Returns:
+        ``(m, D)`` and ``(m, D')``, the same ``m``.
+    """
+    n, nt = student.shape[0], teacher.shape[0]
+    if grid and n != nt:
+        side, teacher_side = square_side(n), square_side(nt)
+        if side is not None and teacher_side is not None:
+            m = min(side, teacher_side)
+            return pool_grid(student, m), pool_grid(teacher, m)
+    m = min(n, nt)
+    return pool_tokens(student, m), pool_tokens(teacher, m)
 
 
 def gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:

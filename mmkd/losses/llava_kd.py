@@ -8,6 +8,16 @@ number on both sides (an error names the sample otherwise). The longer side of e
 adaptive-average-pooled to the shorter length. Pooling is done on logits, which equals pooling the hidden
 states before the LM head (the head is linear and pooling weights sum to 1), so the chunked path pools
 hidden states and never builds visual logits whole.
+
+**Tokens that correspond.** LLaVA-KD's teacher and student share the vision tower, so their visual tokens match one
+to one. When they do not (an any-resolution teacher: LLaVA-OneVision puts each image's ``g x g`` base grid first,
+then the high-resolution tiles with a newline token per row), pooling the teacher's whole run would mix the base
+grid and unrelated tiles into the student's tokens. ``image_base_tokens`` (``ModelOutput.image_base_tokens``, or
+``base_tokens`` / ``teacher_base_tokens``) says how many tokens each image's base grid has: when it is set on a
+side, only the first ``image_base_tokens`` positions of each of that side's images are paired (each image is then
+a run of consecutive visual positions unless the side has a per-image count), and when the two sides' paired
+counts differ and both are perfect squares the longer grid is pooled on the 2-D grid (``adaptive_avg_pool2d``);
+otherwise 1-D pooling as above. With ``image_base_tokens`` None on both sides nothing changes.
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ def aligned_visual_rows(
     teacher_visual_mask: Tensor | None = None,
     tokens_per_image: int | None = None,
     teacher_tokens_per_image: int | None = None,
+    base_tokens: int | None = None,
+    teacher_base_tokens: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Pair the visual tokens of both sides, image by image, pooling the longer side to the shorter length.
 
@@ -44,6 +56,9 @@ def aligned_visual_rows(
         tokens_per_image: Student visual tokens per image, or None to treat each sample's visual tokens as one
             sequence (then per-image pairing is not checked).
         teacher_tokens_per_image: Teacher visual tokens per image.
+        base_tokens: Student tokens of each image's base grid (``ModelOutput.image_base_tokens``): only those,
+            the first of each image, are paired; None pairs every visual token.
+        teacher_base_tokens: The teacher's.
 
     Returns:
         Aligned rows ``(M, D)`` and ``(M, D')``, M the total pooled visual tokens of the batch.
@@ -51,8 +66,9 @@ def aligned_visual_rows(
     if teacher_visual_mask is None:
         teacher_visual_mask = visual_mask
     groups = _groups(features, teacher_features, visual_mask, teacher_visual_mask, tokens_per_image,
-                     teacher_tokens_per_image)
-    pairs = [pool_pair(features[b, pos], teacher_features[b, tpos]) for b, pos, tpos in groups]
+                     teacher_tokens_per_image, base_tokens, teacher_base_tokens)
+    grid = _on_grid(base_tokens, teacher_base_tokens)
+    pairs = [pool_pair(features[b, pos], teacher_features[b, tpos], grid) for b, pos, tpos in groups]
     if not pairs:
         return features.new_zeros((0, features.shape[-1])), teacher_features.new_zeros((0, teacher_features.shape[-1]))
     return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
@@ -65,6 +81,8 @@ def _groups(
     teacher_visual_mask: Tensor,
     tokens_per_image: int | None,
     teacher_tokens_per_image: int | None,
+    base_tokens: int | None = None,
+    teacher_base_tokens: int | None = None,
 ) -> list[tuple[int, Tensor, Tensor]]:
     for name, m, x in (("visual_mask", visual_mask, features), ("teacher_visual_mask", teacher_visual_mask,
                                                                  teacher_features)):
@@ -72,7 +90,28 @@ def _groups(
             raise ValueError(f"{name} has shape {tuple(m.shape)}: expected {tuple(x.shape[:2])} (batch, positions)")
     if features.shape[0] != teacher_features.shape[0]:
         raise ValueError(f"student batch size {features.shape[0]} != teacher batch size {teacher_features.shape[0]}")
-    return visual_groups(visual_mask.bool(), teacher_visual_mask.bool(), tokens_per_image, teacher_tokens_per_image)
+    if not _on_grid(base_tokens, teacher_base_tokens):
+        return visual_groups(visual_mask.bool(), teacher_visual_mask.bool(), tokens_per_image,
+                             teacher_tokens_per_image)
+    # A base grid is found per image, so images are paired even without per-image counts (runs of positions).
+    groups = visual_groups(visual_mask.bool(), teacher_visual_mask.bool(), tokens_per_image, teacher_tokens_per_image,
+                           split_runs=True)
+    return [(b, _base_grid(pos, base_tokens, b, "student"), _base_grid(tpos, teacher_base_tokens, b, "teacher"))
+            for b, pos, tpos in groups]
+
+
+def _on_grid(base_tokens: int | None, teacher_base_tokens: int | None) -> bool:
+    return base_tokens is not None or teacher_base_tokens is not None
+
+
+def _base_grid(positions: Tensor, base_tokens: int | None, sample: int, side: str) -> Tensor:
+    """The first ``base_tokens`` of one image's visual positions (all of them when None)."""
+    if base_tokens is None:
+        return positions
+    if positions.numel() < base_tokens:
+        raise ValueError(f"sample {sample}: an image has {positions.numel()} {side} visual tokens, fewer than its "
+                         f"image_base_tokens={base_tokens}")
+    return positions[:base_tokens]
 
 
 class MDist(nn.Module):
@@ -114,11 +153,13 @@ class MDist(nn.Module):
         teacher_visual_mask: Tensor | None = None,
         tokens_per_image: int | None = None,
         teacher_tokens_per_image: int | None = None,
+        base_tokens: int | None = None,
+        teacher_base_tokens: int | None = None,
     ) -> Tensor:
         """``D_v`` over the visual tokens, mean over pooled visual tokens; shapes as in :meth:`forward`."""
         rows, teacher_rows = aligned_visual_rows(
             student_logits, teacher_logits, visual_mask, teacher_visual_mask, tokens_per_image,
-            teacher_tokens_per_image,
+            teacher_tokens_per_image, base_tokens, teacher_base_tokens,
         )
         if rows.shape[0] == 0:
             return student_logits.sum().float() * 0.0
@@ -135,6 +176,8 @@ class MDist(nn.Module):
         teacher_visual_mask: Tensor | None = None,
         tokens_per_image: int | None = None,
         teacher_tokens_per_image: int | None = None,
+        base_tokens: int | None = None,
+        teacher_base_tokens: int | None = None,
     ) -> Tensor:
         """MDist from full logits.
 
@@ -147,6 +190,8 @@ class MDist(nn.Module):
             teacher_visual_mask: ``(B, T')`` bool (default ``visual_mask``).
             tokens_per_image: Student visual tokens per image (``vision_features.shape[1]``), or None.
             teacher_tokens_per_image: Teacher visual tokens per image, or None.
+            base_tokens: Student visual tokens of each image's base grid (pair only those), or None (all).
+            teacher_base_tokens: The teacher's.
 
         Returns:
             Scalar float32.
@@ -155,7 +200,7 @@ class MDist(nn.Module):
         if self.visual_weight:
             loss = loss + self.visual_weight * self.visual_loss(
                 student_logits, teacher_logits, visual_mask, teacher_visual_mask, tokens_per_image,
-                teacher_tokens_per_image,
+                teacher_tokens_per_image, base_tokens, teacher_base_tokens,
             )
         return loss
 
@@ -169,8 +214,8 @@ class MDist(nn.Module):
     ) -> Tensor:
         """MDist from the output contract, chunk by chunk (no ``(tokens, V)`` logits exist whole).
 
-        Visual masks and per-image token counts come from ``visual_mask`` and ``vision_features`` of each
-        output; outputs without a visual mask contribute no visual term.
+        Visual masks, per-image token counts and base grids come from ``visual_mask``, ``vision_features`` and
+        ``image_base_tokens`` of each output; outputs without a visual mask contribute no visual term.
 
         Args:
             student: Student output (``last_hidden (B, T, H)``, ``head_weight (V, H)``, ...).
@@ -191,7 +236,8 @@ class MDist(nn.Module):
         if self.visual_weight and student.visual_mask is not None and teacher.visual_mask is not None:
             rows, teacher_rows = aligned_visual_rows(
                 student.last_hidden, teacher.last_hidden, student.visual_mask, teacher.visual_mask,
-                _tokens_per_image(student), _tokens_per_image(teacher),
+                _tokens_per_image(student), _tokens_per_image(teacher), student.image_base_tokens,
+                teacher.image_base_tokens,
             )
             if rows.shape[0]:
                 visual = chunked_token_loss(self.visual_divergence, rows, teacher_hidden=teacher_rows, **heads)
@@ -205,17 +251,21 @@ class MDist(nn.Module):
 class RDist(nn.Module):
     """Relation distillation: ``1 − cos(vec(R_S), vec(R_T))`` per image, mean over images.
 
-    ``R = X Xᵀ`` is the ``(n, n)`` self-similarity matrix of an image's visual-token features X (rows
-    L2-normalised first when ``normalize``, giving cosine similarities), so teacher and student widths may
-    differ; token counts are matched by pooling as described in the module docstring. LLaVA-KD applies it to
-    the visual tokens' outputs; :meth:`from_outputs` uses the logits (computed through the head in ``H``
-    space: ``R = h (Wᵀ W) hᵀ`` plus bias terms, never building ``(n, V)`` logits) or the final hidden states.
+    ``R = X Xᵀ`` is the ``(n, n)`` self-similarity matrix of an image's visual-token features X, so teacher and
+    student widths may differ; token counts are matched by pooling as described in the module docstring. LLaVA-KD
+    applies it to the visual tokens' logits; :meth:`from_outputs` uses the logits (computed through the head in
+    ``H`` space: ``R = h (Wᵀ W) hᵀ`` plus bias terms, never building ``(n, V)`` logits) or the final hidden states.
+
+    LLaVA-KD's released training code (``DistillLLaVATrainer.compute_loss``) takes ``R`` of the raw visual logits,
+    ``logits @ logitsᵀ``, with no row normalisation: the default. ``normalize=True`` L2-normalises each token's
+    features first, so ``R`` holds cosine similarities (mmkd's default before). That code computes one cosine over
+    the flattened ``R`` of the whole micro-batch; with its one sample per device this is the per-image value here.
 
     Args:
         normalize: L2-normalise each token's features before the product.
     """
 
-    def __init__(self, normalize: bool = True) -> None:
+    def __init__(self, normalize: bool = False) -> None:
         super().__init__()
         self.normalize = normalize
 
@@ -236,6 +286,8 @@ class RDist(nn.Module):
         teacher_visual_mask: Tensor | None = None,
         tokens_per_image: int | None = None,
         teacher_tokens_per_image: int | None = None,
+        base_tokens: int | None = None,
+        teacher_base_tokens: int | None = None,
     ) -> Tensor:
         """RDist from explicit features.
 
@@ -247,6 +299,8 @@ class RDist(nn.Module):
             tokens_per_image: Student visual tokens per image, or None (each sample's visual tokens are one
                 sequence).
             teacher_tokens_per_image: Teacher visual tokens per image, or None.
+            base_tokens: Student visual tokens of each image's base grid (relate only those), or None (all).
+            teacher_base_tokens: The teacher's.
 
         Returns:
             Scalar float32; 0 for a batch without images.
@@ -255,10 +309,11 @@ class RDist(nn.Module):
         if teacher_visual_mask is None:
             teacher_visual_mask = visual_mask
         groups = _groups(features, teacher_features, visual_mask, teacher_visual_mask, tokens_per_image,
-                         teacher_tokens_per_image)
+                         teacher_tokens_per_image, base_tokens, teacher_base_tokens)
+        grid = _on_grid(base_tokens, teacher_base_tokens)
         losses = []
         for b, pos, tpos in groups:
-            x, tx = pool_pair(features[b, pos], teacher_features[b, tpos])
+            x, tx = pool_pair(features[b, pos], teacher_features[b, tpos], grid)
             losses.append(self._relation_loss(self._gram(x), self._gram(tx)))
         if not losses:
             return features.sum().float() * 0.0
@@ -277,7 +332,7 @@ class RDist(nn.Module):
         return gram
 
     def from_outputs(self, student: ModelOutput, teacher: ModelOutput, on: str = "logits") -> Tensor:
-        """RDist from the output contract's visual masks and per-image token counts.
+        """RDist from the output contract's visual masks, per-image token counts and base grids.
 
         Args:
             student: Student output.
@@ -292,11 +347,14 @@ class RDist(nn.Module):
         if student.visual_mask is None or teacher.visual_mask is None:
             return student.last_hidden.sum().float() * 0.0
         tpi, teacher_tpi = _tokens_per_image(student), _tokens_per_image(teacher)
+        base, teacher_base = student.image_base_tokens, teacher.image_base_tokens
         if on == "hidden":
             return self(student.last_hidden, teacher.last_hidden, student.visual_mask, teacher.visual_mask, tpi,
-                        teacher_tpi)
+                        teacher_tpi, base, teacher_base)
         hidden, teacher_hidden = student.last_hidden, teacher.last_hidden.detach()
-        groups = _groups(hidden, teacher_hidden, student.visual_mask, teacher.visual_mask, tpi, teacher_tpi)
+        groups = _groups(hidden, teacher_hidden, student.visual_mask, teacher.visual_mask, tpi, teacher_tpi, base,
+                         teacher_base)
+        grid = _on_grid(base, teacher_base)
         if not groups:
             return hidden.sum().float() * 0.0
         head_gram = student.head_weight.float().t() @ student.head_weight.float()
@@ -304,7 +362,7 @@ class RDist(nn.Module):
             teacher_head_gram = teacher.head_weight.float().t() @ teacher.head_weight.float()
         losses = []
         for b, pos, tpos in groups:
-            x, tx = pool_pair(hidden[b, pos], teacher_hidden[b, tpos])
+            x, tx = pool_pair(hidden[b, pos], teacher_hidden[b, tpos], grid)
             gram = self._logit_gram(x, student.head_weight, student.head_bias, head_gram)
             with torch.no_grad():
                 teacher_gram = self._logit_gram(tx, teacher.head_weight, teacher.head_bias, teacher_head_gram)
