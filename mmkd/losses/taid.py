@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from mmkd.losses._common import kl_from_logprobs, safe_log_softmax
+from mmkd.losses._common import kl_from_logprobs, rowdot, safe_log_softmax
 from mmkd.losses.divergences import TokenDivergence
 
 # What drives the adaptive update: the loss itself (the KL) or, as the official code, the cross-entropy to the target.
@@ -159,8 +159,9 @@ class TAID(TokenDivergence):
     @torch.no_grad()
     def _record_entropy(self, target_logp: Tensor) -> None:
         # H(p_t) has no gradient (p_t is built from detached logits): CE = KL + H(p_t) in value only. Floored -inf
-        # entries give p = 0 and 0·(-1e30) = 0.
-        entropy = -(target_logp.exp() * target_logp).sum(-1).sum(dtype=torch.float64)
+        # entries give p = 0 and 0·(-1e30) = 0. A row dot product keeps it to one (n, V) temporary.
+        rows = target_logp.reshape(-1, target_logp.shape[-1])
+        entropy = -rowdot(rows.exp(), rows).sum(dtype=torch.float64)
         self._entropy_sum = entropy if self._entropy_sum is None else self._entropy_sum + entropy
         self._entropy_rows += int(target_logp.shape[:-1].numel())
 
