@@ -50,6 +50,8 @@ class CacheRecord:
 
 @dataclass(frozen=True)
 class ShardInfo:
+    """A complete shard as the index knows it: file name, size in bytes, content digest, record count."""
+
     name: str
     size: int
     content_sha256: str
@@ -136,7 +138,7 @@ def _load_merged(folder: Path, spec: CacheSpec) -> CacheIndex | None:
                 return None
             keys = np.ascontiguousarray(f.get_tensor("key")).view("S32").reshape(-1)
             shard, row = f.get_tensor("shard"), f.get_tensor("row")
-    except Exception as e:  # a damaged index is rebuilt from the shards, but say which file is damaged
+    except Exception as e:  # safetensors' own error types; removing the file makes the reader scan the shards
         raise CorruptShardError(f"{path}: unreadable merged index ({' '.join(str(e).split())}); remove it") from None
     shards = tuple(ShardInfo(*s) for s in meta["shards"])
     if keys.shape != shard.shape or keys.shape != row.shape or keys.shape[0] != meta["records"]:
