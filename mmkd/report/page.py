@@ -22,8 +22,9 @@ from mmkd.report.run import EvalData, RunData, RunFiles, Series, StageData, read
 
 LR = "train/lr"
 """The learning rate of the first parameter group, logged per optimizer step."""
-THROUGHPUT = {"train/samples_per_s": "samples / s", "train/step_time_s": "s / step"}
-"""Throughput columns logged per optimizer step, with their units."""
+THROUGHPUT = {"perf/samples_per_s": "samples / s", "perf/step_time_s": "s / step",
+              "train/samples_per_s": "samples / s", "train/step_time_s": "s / step"}
+"""Throughput columns logged per optimizer step, with their units; any other ``perf/`` column is plotted with them."""
 PAGE = "index.html"
 
 _MISSING = "–"
@@ -65,7 +66,13 @@ def _order_terms(columns: set[str]) -> list[str]:
             return 0, column
         return (1 if column.startswith("train/") else 2 if column.startswith("val/") else 3), column
 
-    return sorted(columns - {LR, *THROUGHPUT}, key=rank)
+    return sorted(columns - set(_order_optimisation(columns)), key=rank)
+
+
+def _order_optimisation(columns: set[str]) -> list[str]:
+    """The learning rate, then throughput: the known columns, then any other ``perf/`` column."""
+    known = [c for c in (LR, *THROUGHPUT) if c in columns]
+    return known + sorted(c for c in columns if c.startswith("perf/") and c not in THROUGHPUT)
 
 
 def _format(value: Any) -> str:
@@ -146,13 +153,13 @@ def _stage_section(name: str, runs: Sequence[RunData], writer: _Writer) -> dict[
         figures.append(writer.image(f"{name}-loss", png, f"stage {name}: each logged term against optimizer step"))
     else:
         notes.append("no logged loss terms (stages/<stage>/logs/metrics.csv is missing or empty)")
-    optimisation = [c for c in (LR, *THROUGHPUT) if c in columns]
+    optimisation = _order_optimisation(columns)
     if optimisation:
         units = {LR: "learning rate", **THROUGHPUT}
         png = plots.series_panels({c: by_run(c) for c in optimisation}, series_runs, units)
         figures.append(writer.image(f"{name}-optimisation", png, f"stage {name}: learning rate and throughput"))
     elif terms:
-        notes.append(f"learning rate and throughput not logged ({LR}, {', '.join(THROUGHPUT)})")
+        notes.append(f"learning rate and throughput not logged ({LR}, perf/samples_per_s, perf/step_time_s)")
     return {"name": name, "summary": summary, "data": data_table, "figures": figures, "notes": notes}
 
 

@@ -75,7 +75,7 @@ def _check_images(page: Path) -> _Page:
 def test_read_metrics_csv_keeps_the_resumed_run_and_skips_empty_cells(tmp_path: Path, write_run) -> None:
     write_run(tmp_path / "run", {"sft": {"steps": 8, "terms": ["lm"], "resumed": True}})
     history = read_metrics_csv(tmp_path / "run" / "stages" / "sft" / "logs" / "metrics.csv")
-    assert set(history) == {"train/lm", "train/loss", "train/lr", "train/samples_per_s", "train/step_time_s",
+    assert set(history) == {"train/lm", "train/loss", "train/lr", "perf/samples_per_s", "perf/step_time_s",
                             "val/loss"}
     loss = history["train/loss"]
     assert loss.steps == tuple(range(8))
@@ -205,6 +205,10 @@ def test_report_of_a_real_run(real_run: Path, tmp_path: Path, write_run, eval_me
     parsed = _check_images(page)
     stages = [p.name for p in sorted(page.parent.glob("*-loss.png"))]
     assert stages == ["distill-loss.png", "sft-loss.png"]
+    for stage in ("distill", "sft"):  # learning rate and throughput are plotted where the training loop logs them
+        header = (real_run / "stages" / stage / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
+        logged = "train/lr" in header or any(c.startswith("perf/") for c in header)
+        assert (page.parent / f"{stage}-optimisation.png").is_file() == logged
     scores = parsed.table(["", "debug"], "mode")
     assert scores["mode"] == ["likelihood"] and re.fullmatch(r"\d+\.\d\d \(\d/8\)", scores["overall"][0])
     summary = parsed.table(["", "debug"], "status")
