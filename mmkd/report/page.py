@@ -81,7 +81,7 @@ def _format(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"  # no exponent for long wall times
     return str(value)
 
 
@@ -104,16 +104,14 @@ def _score(entry: dict[str, Any] | None) -> str:
 
 
 class _Writer:
-    """Collects the figures of one page, writing each PNG next to the page as it is drawn."""
+    """Writes each figure of one page next to the page as it is drawn, and keeps it for embedding."""
 
     def __init__(self, out: Path) -> None:
         self.out = out
-        self.written: list[Path] = []
 
     def image(self, name: str, png: bytes, caption: str) -> Image:
         path = self.out / f"{_slug(name)}.png"
         path.write_bytes(png)
-        self.written.append(path)
         return Image(path.name, base64.b64encode(png).decode("ascii"), caption)
 
 
