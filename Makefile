@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test setup setup-dev lint clean
+.PHONY: demo test test-slow setup setup-dev lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ lint: $(VENV)/.installed-dev
 test: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check mmkd tests bench
 	$(PY) -m pytest -q
+
+# The end-to-end runs that a faster test in `make test` already covers (marked slow); CI runs them after make test.
+test-slow: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -m "slow and not gpu"
 
 clean:
 	rm -rf runs .pytest_cache

@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from mmkd.demo import _by_skill, _evaluate, demo_command, recipe_path
-    from mmkd.recipe import load_recipe
-    from mmkd.runner import run_recipe
+    from mmkd.train.recipe import load_recipe
+    from mmkd.train.runner import run_recipe
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

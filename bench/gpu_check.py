@@ -61,9 +61,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="global batch")
     args = parser.parse_args()
 
-    from mmkd.modules.builders import build_stage
-    from mmkd.recipe import load_recipe
-    from mmkd.runner import Runner
+    from mmkd.train.recipe import load_recipe
+    from mmkd.train.rundir import RunDir
+    from mmkd.train.runner import Runner
+    from mmkd.train.stage import build_stage
 
     recipe = load_recipe(ROOT / "recipes" / "debug.yaml", [
         "--data_root", args.root, "--run_dir", args.run_dir, "--trainer.accelerator", "gpu",
@@ -72,8 +73,8 @@ def main() -> None:
         "--trainer.checkpoint_every_n_steps", str(10 * args.steps), "--stages.distill.batch_size", str(args.batch_size),
         "--stages.distill.objectives", json.dumps({"lm": 1.0, "mdist": 1.0, "rdist": 1.0})])
     runner = Runner(recipe, echo=lambda _: None)
-    trainer, module, datamodule = build_stage(recipe, "distill", runner.build_student("distill"), runner.teacher(),
-                                              Path(args.run_dir) / "stage", on_saved=lambda *_: None,
+    trainer, module, datamodule = build_stage(recipe.stage("distill"), runner.build_student("distill"),
+                                              runner.teachers.get(), RunDir(args.run_dir), on_saved=lambda *_: None,
                                               echo=lambda _: None)
     trainer.callbacks.append(Throughput(args.warmup))
     trainer.fit(module, datamodule=datamodule)

@@ -1,4 +1,4 @@
-"""Per-step overhead of running DistillModule under the Lightning Trainer vs. a plain PyTorch loop.
+"""Per-step overhead of running the StageModule under the Lightning Trainer vs. a plain PyTorch loop.
 
 Both sides train the same student against the same frozen teacher on the same collated batch with the same
 objectives, optimizer and schedule (the module's own ``compute_losses`` and ``configure_optimizers``), so the
@@ -25,7 +25,9 @@ CLOCK = time.process_time
 def build(assets: dict, batch_size: int):
     from mmkd.data import MultimodalCollator, ScienceQA
     from mmkd.models import LlavaModel, MLLMStudent
-    from mmkd.modules.distill import DistillModule
+    from mmkd.objectives import build_objective
+    from mmkd.tasks import build_task
+    from mmkd.train.stage_module import StageModule
 
     teacher = LlavaModel(assets["teacher"])
     torch.manual_seed(0)
@@ -33,16 +35,16 @@ def build(assets: dict, batch_size: int):
     data = ScienceQA(assets["sqa"], "train")
     collate = MultimodalCollator.for_models(student, teacher, max_length=160)
     batch = collate([data[i] for i in range(batch_size)])
-    batch.pop("data_stats", None)
-    module = DistillModule(student, teacher, {"lm": 1.0, "kl": 1.0}, train_parts=["projector", "language_model"],
-                           total_steps=10_000)
+    weights = {"lm": 1.0, "kl": 1.0}
+    task = build_task("distill", {}, {name: build_objective(name) for name in weights})
+    module = StageModule(student, teacher, task, weights, ["projector", "language_model"], total_steps=10_000)
     return module, batch
 
 
 def plain_loop(module, batch, steps: int, warmup: int) -> float:
     opt_cfg = module.configure_optimizers()
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
-    module.train()  # the student trains; the teacher stays in eval (DistillModule.train keeps it there)
+    module.train()  # the student trains; the teacher stays in eval (StageModule.train keeps it there)
     times = []
     for _ in range(warmup + steps):
         t0 = CLOCK()

@@ -33,7 +33,7 @@ class UsageError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from mmkd.recipe import RecipeError
+    from mmkd.train.recipe import RecipeError
 
     kinds: list[type[BaseException]] = [RecipeError, UsageError, FileNotFoundError, NotADirectoryError]
     try:
@@ -107,7 +107,7 @@ def _fit(argv: list[str], echo: Callable[[str], None]) -> int:
         rest = [a.replace(dashed, dashed.replace("-", "_").replace("__", "--", 1), 1) if a.startswith(dashed) else a
                 for a in rest]
     if any(a in ("-h", "--help") for a in rest):
-        from mmkd.recipe import build_parser, read_yaml
+        from mmkd.train.recipe import build_parser, read_yaml
 
         raw = read_yaml(path)
         build_parser(list(raw.get("stages") or {}), {}).print_help()
@@ -117,13 +117,13 @@ def _fit(argv: list[str], echo: Callable[[str], None]) -> int:
         parser.add_argument("--stage", type=str | None, default=None, help="Run only this stage.")
         parser.add_argument("--restart_from", type=str | None, default=None, help="Rerun from this stage.")
 
-    from mmkd.recipe import load_recipe
+    from mmkd.train.recipe import load_recipe
 
     try:
         recipe = load_recipe(path, rest, extra_arguments=fit_options)
     except SystemExit as done:  # jsonargparse's --print_config prints the resolved recipe and exits
         return int(done.code or 0)
-    from mmkd.runner import RunError, Runner, summary_rows
+    from mmkd.train.runner import RunError, Runner, summary_rows
 
     runner = Runner(recipe, only_stage=recipe.options.get("stage"),
                     restart_from=recipe.options.get("restart_from"), echo=echo)
@@ -131,9 +131,9 @@ def _fit(argv: list[str], echo: Callable[[str], None]) -> int:
         manifest = runner.run()
     except RunError as err:
         return _fail(str(err), code=1)
-    from mmkd.runner import _is_rank_zero
+    from mmkd.train.rundir import is_rank_zero
 
-    if _is_rank_zero():  # every rank runs the command under DDP; the table is printed once
+    if is_rank_zero():  # every rank runs the command under DDP; the table is printed once
         _print_summary(summary_rows(manifest), recipe.run_dir)
     return 0
 
@@ -174,7 +174,7 @@ def _function_command(func: Callable[..., Any], argv: list[str], prog: str) -> A
     try:
         cfg = parser.parse_args(args)
     except ArgumentError as err:
-        from mmkd.recipe import format_parse_error
+        from mmkd.train.recipe import format_parse_error
 
         raise UsageError(format_parse_error(str(err))) from None
     kwargs = {k: v for k, v in vars(cfg).items() if not k.startswith("__")}
@@ -190,7 +190,8 @@ def _dashes(arg: str) -> str:
 
 
 def _eval(argv: list[str]) -> int:
-    from mmkd.eval.commands import evaluate_command, score_command
+    from mmkd.eval.commands import score_command
+    from mmkd.train.evaluate import evaluate_command
 
     if argv and argv[0] == "score":
         _function_command(score_command, argv[1:], "mmkd eval score")
@@ -200,7 +201,7 @@ def _eval(argv: list[str]) -> int:
 
 
 def _export(argv: list[str]) -> int:
-    from mmkd.export import export_command
+    from mmkd.train.export import export_command
 
     _function_command(export_command, argv, "mmkd export")
     return 0

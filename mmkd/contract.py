@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "AUX_LOSS",
+    "PART_NAMES",
     "CLIPBatch",
     "CLIPOutput",
     "ContrastiveModel",
@@ -27,6 +28,12 @@ __all__ = [
     "PromptBatch",
     "VisionLanguageModel",
 ]
+
+# The part names a recipe may train (``train: [...]``): every model's ``parts()`` uses these. Image-text models:
+# the vision tower, the projector, the language model (everything of it but experts and router), ``ffn`` (a view
+# overlapping ``language_model`` and ``experts``: every feed-forward projection of the LM, dense or expert), the
+# experts and the router of an MoE LM. CLIP models: the two towers and the logit scale.
+PART_NAMES = ("vision_tower", "projector", "language_model", "ffn", "experts", "router", "text_tower", "logit_scale")
 
 # The name of the term a model adds to the loss itself (MoE router losses, already weighted by their coefficients):
 # a stage adds it to the weighted objectives as it is.
@@ -104,6 +111,7 @@ class VisionLanguageModel(Protocol):
             depends on the image).
         hidden_size: Width of the final hidden states.
         vocab_size: Rows of the LM head the objectives see.
+        end_token_ids: Token ids that end an answer (end of turn).
     """
 
     tokenizer: Any
@@ -116,6 +124,9 @@ class VisionLanguageModel(Protocol):
 
     @property
     def vocab_size(self) -> int: ...
+
+    @property
+    def end_token_ids(self) -> list[int]: ...
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor, output_hidden_states: bool = False,
                  **image_inputs: Tensor) -> ModelOutput: ...
@@ -140,6 +151,11 @@ class VisionLanguageModel(Protocol):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, **options: Any) -> VisionLanguageModel: ...
+
+    @classmethod
+    def check_source(cls, path: str, **options: Any) -> None:
+        """A cheap check, loading nothing, that ``path`` can hold this model (one-line error otherwise)."""
+        ...
 
 
 @runtime_checkable
@@ -189,6 +205,11 @@ class ModelInputs:
         """Keyword arguments of a model's forward (and ``generate``)."""
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.images}
 
+    def to(self, device: Any) -> ModelInputs:
+        """A copy on ``device``."""
+        return ModelInputs(self.input_ids.to(device), self.attention_mask.to(device),
+                           {k: v.to(device) for k, v in self.images.items()})
+
 
 @dataclass
 class DistillBatch:
@@ -206,6 +227,9 @@ class DistillBatch:
         standin: The collator dropped every sample: this is one tiny stand-in that a training step weighs by 0.
         data_stats: What the collator counted for this batch (samples, truncated, skipped_overflow, bad).
         ids: Record ids, in batch order.
+        prompt: The same samples' generation prompts (left padded), for tasks that generate answers; None unless
+            the task's collator was asked for them.
+        teacher_prompt: The teacher's own prompts, when its inputs differ.
     """
 
     inputs: ModelInputs
@@ -215,6 +239,8 @@ class DistillBatch:
     standin: bool = False
     data_stats: dict[str, int] = field(default_factory=dict)
     ids: list[str] = field(default_factory=list)
+    prompt: ModelInputs | None = None
+    teacher_prompt: ModelInputs | None = None
 
     @property
     def size(self) -> int:
@@ -235,11 +261,13 @@ class PromptBatch:
         inputs: The model's inputs.
         ids: Record ids of the prompts kept, in batch order.
         data_stats: What the collator counted.
+        teacher_inputs: The teacher's own prompts, when a teacher side was asked for and its inputs differ.
     """
 
     inputs: ModelInputs
     ids: list[str] = field(default_factory=list)
     data_stats: dict[str, int] = field(default_factory=dict)
+    teacher_inputs: ModelInputs | None = None
 
     @property
     def size(self) -> int:

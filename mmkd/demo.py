@@ -117,8 +117,8 @@ def _teacher_answers(answers: Path) -> dict[str, str]:
 
 
 def _fit(name: str, out: Path, overrides: dict[str, Any], echo) -> dict[str, Any]:
-    from mmkd.recipe import load_recipe
-    from mmkd.runner import run_recipe
+    from mmkd.train.recipe import load_recipe
+    from mmkd.train.runner import run_recipe
 
     args = []
     for key, value in overrides.items():
@@ -129,7 +129,7 @@ def _fit(name: str, out: Path, overrides: dict[str, Any], echo) -> dict[str, Any
 
 def _evaluate(model: str, world: Path, split: str, out: Path, mode: str, batch_size: int,
               stage: str | None = None) -> dict[str, Any]:
-    from mmkd.eval.commands import evaluate_command
+    from mmkd.train.evaluate import evaluate_command
 
     return evaluate_command(model, f"sqa:{world}", split=split, out=str(out), batch_size=batch_size,
                             max_new_tokens=6, mode=mode, stage=stage)
@@ -248,7 +248,7 @@ def _demo(out: str, seed: int, n: int, labelled: int, transfer: int, teacher_ste
     import torch
 
     from mmkd.data.synth import synth_sqa
-    from mmkd.models.presets import _SIZES, _write_parts
+    from mmkd.models.presets import PRESET_SIZES, write_vision_and_lm
 
     start = time.perf_counter()
     root = Path(out)
@@ -282,7 +282,7 @@ def _demo(out: str, seed: int, n: int, labelled: int, transfer: int, teacher_ste
 
             torch.manual_seed(seed * 100 + offset)
             with tempfile.TemporaryDirectory(prefix="mmkd-demo-") as tmp:
-                vision, lm = _write_parts(Path(tmp), tokenizer, {**_SIZES["mllm-student"], **sizes[kind]})
+                vision, lm = write_vision_and_lm(Path(tmp), tokenizer, {**PRESET_SIZES["mllm-student"], **sizes[kind]})
                 for src, dst in ((vision, models / f"{kind}-vision"), (lm, models / f"{kind}-lm")):
                     shutil.rmtree(dst, ignore_errors=True)
                     shutil.copytree(src, dst)

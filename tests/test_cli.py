@@ -68,6 +68,30 @@ def test_bad_input_is_one_line_exit_2(args, message, capsys, tmp_path, monkeypat
     assert not run.exists()
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--stages.sft.objective_args", '{"lm": {"smoothing": 0.1}}'],
+         "stages.sft.objective_args.lm.smoothing: unknown argument"),
+        (["--stages.distill.objective_args", '{"kl": {"temperature": "hot"}}'],
+         "stages.distill.objective_args.kl.temperature: expected a float, got 'hot'"),
+        (["--trainer.strategy", "dpp"], "trainer.strategy: unknown strategy 'dpp'"),
+        (["--stages.sft.trainer.precision", "bf17"], "stages.sft.trainer.precision: expected one of"),
+        (["--stages.sft.task_args", '{"on_overflow": 1}'], "stages.sft.task_args.on_overflow: expected one of"),
+        (["--stages.sft.task", "distil"], "stages.sft.task: unknown task 'distil'"),
+    ],
+)
+def test_bad_names_and_arguments_of_any_stage_end_before_it_runs(override, message, tiny_assets, tmp_path, capsys):
+    """Checked when the recipe loads: the first stage never starts, nothing is written."""
+    run = tmp_path / "run"
+    code = main(["fit", str(ROOT / "recipes" / "debug.yaml"), "--run-dir", str(run), "--data_root",
+                 tiny_assets["root"], *override])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("mmkd: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not run.exists()
+
+
 def test_missing_data_and_models_fail_before_any_stage(tiny_assets, tmp_path, capsys):
     run = tmp_path / "run"
     recipe = str(ROOT / "recipes" / "debug.yaml")
@@ -131,7 +155,7 @@ def test_export_an_unfinished_stage_from_its_checkpoint(tiny_assets, tmp_path):
     import subprocess
     import sys
 
-    from mmkd.modules.checkpoints import load_student_state
+    from mmkd.train.checkpoints import load_student_state
 
     run, out = tmp_path / "run", tmp_path / "student"
     env = {**__import__("os").environ, "MMKD_FAULT": "raise:sft:2"}

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mmkd.demo import MODELS, _split_world, demo_command, recipe_path, results_table
-from mmkd.recipe import load_recipe
+from mmkd.train.recipe import load_recipe
 
 CATEGORIES = {"NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12"}
 TINY = {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 64, "vision_hidden": 16,
@@ -155,9 +155,9 @@ def test_baseline_matches_the_kd_recipe_except_distillation():
     for name in kd.stage_names:
         a, b = kd.stage(name), base.stage(name)
         for key in ("train", "optimizer", "schedule", "batch_size", "max_length", "trainer", "init_from"):
-            assert a[key] == b[key], (name, key)
-        assert b["objectives"] == {"lm": 1.0}
-        assert b["data"]["init_args"]["split"] == "labelled"
-    assert kd.stage("dft")["objectives"] == {"lm": 1.0, "mdist": 1.0, "rdist": 1.0}
+            assert getattr(a, key) == getattr(b, key), (name, key)
+        assert b.weights == {"lm": 1.0}
+        assert b.data.init_args["split"] == "labelled"
+    assert kd.stage("dft").weights == {"lm": 1.0, "mdist": 1.0, "rdist": 1.0}
     teacher = load_recipe(recipe_path("teacher"))
-    assert teacher.config.get("teacher") is None and teacher.stage("train")["objectives"] == {"lm": 1.0}
+    assert teacher.config.get("teacher") is None and teacher.stage("train").weights == {"lm": 1.0}

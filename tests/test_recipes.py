@@ -12,19 +12,32 @@ from pathlib import Path
 import pytest
 
 from mmkd.cli import main
-from mmkd.recipe import load_recipe
+from mmkd.train.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])
-def test_every_recipe_parses(path):
+def test_every_recipe_resolves_and_builds_its_tasks(path):
+    """Every stage resolves; its objectives and its task are built (with stand-in widths and step counts)."""
+    from types import SimpleNamespace
+
+    from mmkd.objectives import build_objective
+    from mmkd.tasks import TASKS, build_task
+
     recipe = load_recipe(path)
     assert recipe.stage_names
     assert path.read_text().startswith("#"), "a recipe opens with a header: what it reproduces, hardware, metric"
+    model = SimpleNamespace(hidden_size=8, embed_dim=8)  # the context objectives read from the models
     for name in recipe.stage_names:
-        assert recipe.stage(name)["train"] and recipe.stage(name)["objectives"]
+        spec = recipe.stage(name)
+        assert spec.train and spec.objectives and spec.task in TASKS
+        objectives = {o.name: build_objective(o.name, o.args, student=model, teacher=model, total_steps=10)
+                      for o in spec.objectives}
+        task = build_task(spec.task, spec.task_args, objectives)
+        assert list(task.objectives) == [o.name for o in spec.objectives]
+        assert task.needs_teacher == spec.needs_teacher
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +81,7 @@ def _tiny_overrides(recipe_path: Path, assets: dict, run_dir: Path, onevision: s
                                                         "language_model": assets["student_lm"],
                                                         "tokenizer": assets["tokenizer"]}})]
     for name in recipe.stage_names:
-        stage = recipe.stage(name)
+        stage = recipe.config["stages"][name]
         args += [f"--stages.{name}.data", json.dumps(data.get(stage["data"]["class_path"], stage["data"])),
                  f"--stages.{name}.batch_size", "4", f"--stages.{name}.micro_batch_size", "4",
                  f"--stages.{name}.max_length", "192", f"--stages.{name}.trainer.strategy", "auto"]
@@ -92,7 +105,7 @@ def test_paper_recipe_runs_two_steps_per_stage_with_tiny_models(name, tiny_asset
     for stage in recipe.stage_names:
         entry = manifest["stages"][stage]
         assert entry["status"] == "done" and entry["global_step"] == 2, (stage, entry)
-        for objective in recipe.stage(stage)["objectives"]:
+        for objective in recipe.stage(stage).weights:
             assert f"train/{objective}" in entry["metrics"], (stage, objective, sorted(entry["metrics"]))
 
 

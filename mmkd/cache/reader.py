@@ -73,7 +73,7 @@ class CacheIndex:
     row: np.ndarray
 
 
-def _columns(spec: CacheSpec) -> list[str]:
+def record_columns(spec: CacheSpec) -> list[str]:
     return ["positions", *spec.codec.columns(spec.k)]
 
 
@@ -92,7 +92,7 @@ def scan_index(folder: Path, spec: CacheSpec) -> CacheIndex:
         if seq != expected:
             raise IndexConsistencyError(f"{path}: rank {rank} has no shard {expected} before shard {seq}")
         next_seq[rank] = seq + 1
-        reader = ShardReader(path, header, _columns(spec))
+        reader = ShardReader(path, header, record_columns(spec))
         shards.append(ShardInfo(path.name, path.stat().st_size, reader.meta["content_sha256"], len(reader)))
         keys.append(reader.keys)
         where.append(np.stack([np.full(len(reader), len(shards) - 1), np.arange(len(reader))], axis=1))
@@ -123,7 +123,7 @@ def _hex(key: bytes) -> str:
     return key.ljust(32, b"\0").hex()
 
 
-def _load_merged(folder: Path, spec: CacheSpec) -> CacheIndex | None:
+def load_merged_index(folder: Path, spec: CacheSpec) -> CacheIndex | None:
     """The merged index when it exists and still describes the shards on disk (names and sizes), else None."""
     path = folder / INDEX
     if not path.exists():
@@ -170,8 +170,8 @@ class CacheReader:
         self.spec = spec
         if expect is not None:
             self.check(expect)
-        self.index = _load_merged(self.folder, spec) or scan_index(self.folder, spec)
-        self._columns = _columns(spec)
+        self.index = load_merged_index(self.folder, spec) or scan_index(self.folder, spec)
+        self._columns = record_columns(spec)
         self._header_sha256 = spec.digest()
         self._open: dict[int, ShardReader] = {}
         self._pid = os.getpid()

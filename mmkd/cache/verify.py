@@ -9,7 +9,7 @@ import numpy as np
 
 from mmkd.cache.errors import CacheError, CorruptShardError, IndexConsistencyError
 from mmkd.cache.folder import HEADER, INDEX, list_shards, read_header, temp_shards
-from mmkd.cache.reader import _columns, _load_merged, scan_index
+from mmkd.cache.reader import load_merged_index, record_columns, scan_index
 from mmkd.cache.shard import ShardReader, content_digest, positions_from_runs
 
 __all__ = ["VerifyReport", "verify"]
@@ -67,7 +67,7 @@ def verify(folder: str | Path) -> VerifyReport:
     spec = read_header(folder)
     if spec is None:
         raise CacheError(f"{folder}: no {HEADER} (not a teacher cache)")
-    columns = _columns(spec)
+    columns = record_columns(spec)
     header = spec.digest()
     total_bytes = (folder / HEADER).stat().st_size
     positions, per_rank = 0, {}
@@ -101,7 +101,7 @@ def verify(folder: str | Path) -> VerifyReport:
     merged = "absent"
     if (folder / INDEX).exists():
         total_bytes += (folder / INDEX).stat().st_size
-        loaded = _load_merged(folder, spec)
+        loaded = load_merged_index(folder, spec)
         if loaded is None:
             merged = "stale"
         else:

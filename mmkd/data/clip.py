@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image
-from torch import Tensor
+
+from mmkd.contract import CLIPBatch
 
 __all__ = ["CLIPCollator", "caption_of"]
 
@@ -20,7 +21,7 @@ def caption_of(record: dict[str, Any]) -> str:
 
 
 class CLIPCollator:
-    """Caption-pair records (one image each) -> ``images``, ``text`` and the teacher's ``teacher_*``.
+    """Caption-pair records (one image each) -> :class:`~mmkd.contract.CLIPBatch`, each model's own inputs.
 
     Args:
         student: A CLIP model with ``preprocess_images(list[Image]) -> (B,3,H,W)`` and ``tokenize(list[str])``.
@@ -35,27 +36,19 @@ class CLIPCollator:
     def for_models(cls, student: Any, teacher: Any | None = None, **_: Any) -> CLIPCollator:
         return cls(student, teacher)
 
-    def __call__(self, records: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    def __call__(self, records: Sequence[dict[str, Any] | None]) -> CLIPBatch:
         kept = [r for r in records if r is not None and r.get("images")]
         stats = {"samples": len(kept), "bad": len(records) - len(kept)}
         images = [r["images"][0] for r in kept]
         texts = [caption_of(r) for r in kept]
-        batch: dict[str, Any] = {"data_stats": stats}
-        if not kept:
-            if not records:
-                return batch
+        standin = not kept
+        if standin:
             # Every record was unreadable: a blank stand-in pair that the training step weighs by 0, so this
             # rank still runs its step (see mmkd.data.collate.STANDIN_RECORD).
             images, texts = [Image.new("RGB", (8, 8))], ["."]
-            batch["standin"] = True
-        batch["images"] = self.student.preprocess_images(images)
-        batch["text"] = self.student.tokenize(texts)
+        batch = CLIPBatch(self.student.preprocess_images(images), self.student.tokenize(texts), standin=standin,
+                          data_stats=stats)
         if self.teacher is not None:
-            batch["teacher_images"] = self.teacher.preprocess_images(images)
-            batch["teacher_text"] = self.teacher.tokenize(texts)
+            batch.teacher_images = self.teacher.preprocess_images(images)
+            batch.teacher_text = self.teacher.tokenize(texts)
         return batch
-
-
-def batch_size(batch: dict[str, Tensor]) -> int:
-    images = batch.get("images")
-    return 0 if images is None else int(images.shape[0])

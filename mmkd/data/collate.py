@@ -1,23 +1,26 @@
-"""Collate records into the batch of docs/architecture.md: chat template, visual-token expansion, answer-only labels.
+"""Collate records into the typed batches of :mod:`mmkd.contract`: chat template, visual tokens, answer-only labels.
 
 Labels come from the chat template itself: for every assistant turn ``i`` the template is rendered up to the
 generation prompt (``messages[:i]`` + ``add_generation_prompt``) and through the turn (``messages[:i+1]``); the
 characters between the two (without trailing whitespace) are the answer, end-of-turn token included. The whole
 conversation is tokenized once, as the model's own processor would, and a token is labelled when its character
-span overlaps an answer span. Every ``<image>`` token is then expanded to ``num_image_tokens`` copies.
+span overlaps an answer span. Every ``<image>`` placeholder of a record becomes the model's image prompt (its
+``image_prompt``, usually the image token itself), whose image token is then expanded to that image's visual-token
+count. Each model's image processor output travels whole (``ModelInputs.images``), whatever keys its family uses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from PIL import Image
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from mmkd.contract import DistillBatch, ModelInputs, PreferenceBatch, PromptBatch
 from mmkd.data.records import IMAGE_PLACEHOLDER, Record
 from mmkd.data.tokenizer import CHAT_TEMPLATE
 
@@ -37,6 +40,14 @@ STANDIN_RECORD: dict[str, Any] = {
 }
 
 
+class Encoded(NamedTuple):
+    """One side's token lists of one record: the sequence, its labels (training) and its generation prompt."""
+
+    input_ids: list[int]
+    labels: list[int] | None = None
+    prompt: list[int] | None = None
+
+
 @dataclass
 class TeacherSide:
     """What the teacher's inputs are built from when they differ from the student's.
@@ -50,6 +61,7 @@ class TeacherSide:
         max_length: The teacher's maximum length; default: the student's plus the sample's extra visual tokens.
         image_token_count: ``Image -> int``: visual tokens of that image, for teachers whose count depends on
             the image (any-resolution tiling); default: ``num_image_tokens`` for every image.
+        image_prompt: The text that stands for one image in the teacher's prompt; default: ``image_token``.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -58,13 +70,16 @@ class TeacherSide:
     image_token: str = IMAGE_PLACEHOLDER
     max_length: int | None = None
     image_token_count: Callable[[Image.Image], int] | None = None
+    image_prompt: str | None = None
 
     @classmethod
     def from_model(cls, model: Any) -> TeacherSide:
         """From a model exposing ``tokenizer``, ``image_inputs`` (or ``preprocess_images``), ``num_image_tokens``,
-        ``image_token`` and optionally ``image_token_count`` (per-image counts of any-resolution families)."""
+        ``image_token`` and optionally ``image_token_count`` (per-image counts of any-resolution families) and
+        ``image_prompt``."""
         return cls(model.tokenizer, _image_fn(model), model.num_image_tokens, model.image_token,
-                   image_token_count=getattr(model, "image_token_count", None))
+                   image_token_count=getattr(model, "image_token_count", None),
+                   image_prompt=getattr(model, "image_prompt", None))
 
 
 class _Side:
@@ -77,9 +92,11 @@ class _Side:
         num_image_tokens: int,
         max_length: int | None,
         image_token_count: Callable[[Image.Image], int] | None = None,
+        image_prompt: str | None = None,
     ):
         self.tok = tokenizer
         self.image_token = image_token
+        self.image_prompt = image_prompt or image_token
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length  # None: the student's plus this sample's extra visual tokens (teacher only)
         self.image_token_count = image_token_count
@@ -114,13 +131,12 @@ class _Side:
         return ids, offsets
 
     def _messages(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-        token = self.image_token
-        if token == IMAGE_PLACEHOLDER:
+        if self.image_prompt == IMAGE_PLACEHOLDER:
             return messages
         return [
             m
             if m["role"] == "assistant"
-            else {**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, self.image_token)}
+            else {**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, self.image_prompt)}
             for m in messages
         ]
 
@@ -206,14 +222,16 @@ def _pad(rows: Sequence[list[int]], value: int, left: bool) -> Tensor:
 
 
 class MultimodalCollator:
-    """Records -> batch dict (docs/architecture.md), for training (right padding, labels) or generation.
+    """Records -> :class:`~mmkd.contract.DistillBatch` for training, or :class:`~mmkd.contract.PromptBatch` for
+    generation.
 
-    Training batches: ``input_ids``, ``attention_mask``, ``labels`` (-100 except the answer tokens, end-of-turn
-    token included) and ``pixel_values`` (absent without images); ``teacher_*`` copies of these when a
-    ``teacher`` side is given; both sides label the same answer tokens. Generation batches (``train=False``): the
-    prompt only (final assistant turn removed, generation header added), left padded, plus ``ids``
-    (record ids). Every batch carries ``data_stats``: ``{"samples", "truncated", "skipped_overflow", "bad"}``
-    for this batch (ints), so counts survive worker processes; ``stats`` accumulates the same in this process.
+    Training batches (right padding): the student's ``inputs`` and ``labels`` (-100 except the answer tokens,
+    end-of-turn token included), and the teacher's own ``teacher_inputs`` and ``teacher_labels`` when a ``teacher``
+    side is given (both sides label the same answer tokens); with ``prompts=True`` also each side's generation
+    prompt for the same samples. Generation batches (``train=False``): the prompt only (final assistant turn
+    removed, generation header added), left padded, with the record ids. Every batch carries ``data_stats``:
+    ``{"samples", "truncated", "skipped_overflow", "bad"}`` for this batch (ints), so counts survive worker
+    processes; ``stats`` accumulates the same in this process.
 
     A sample longer than ``max_length`` is, with ``on_overflow="truncate"``, cut on the answer side (it is skipped
     when no answer token would remain), or skipped with ``on_overflow="skip"``; a prompt that is too long for
@@ -221,48 +239,62 @@ class MultimodalCollator:
 
     Args:
         tokenizer: Student tokenizer; its chat template is used, or mmkd's default when it has none.
-        image_processor: ``list[Image] -> (N, 3, H, W)``.
+        image_processor: ``list[Image] -> (N, 3, H, W)`` pixel values, or a dict of image inputs.
         num_image_tokens: Visual tokens per image in the student's sequence.
         image_token: The student's image token (records use ``<image>``; other tokens are substituted).
         max_length: Maximum sequence length after visual-token expansion.
         train: Training batches (True) or generation prompts (False).
         teacher: The teacher's side, when its inputs differ from the student's.
         on_overflow: ``"truncate"`` or ``"skip"``.
+        image_token_count: ``Image -> int`` for a student whose visual-token count depends on the image.
+        image_prompt: The text standing for one image in the student's prompt (default: ``image_token``).
+        prompts: Also attach the generation prompts of the training samples (tasks that generate answers).
     """
 
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
         *,
-        image_processor: Callable[[list[Image.Image]], Tensor],
+        image_processor: Callable[[list[Image.Image]], Tensor | dict[str, Tensor]],
         num_image_tokens: int,
         image_token: str = IMAGE_PLACEHOLDER,
         max_length: int = 512,
         train: bool = True,
         teacher: TeacherSide | None = None,
         on_overflow: Overflow = "truncate",
+        image_token_count: Callable[[Image.Image], int] | None = None,
+        image_prompt: str | None = None,
+        prompts: bool = False,
     ) -> None:
         if on_overflow not in ("truncate", "skip"):
             raise ValueError(f"on_overflow={on_overflow!r}: expected 'truncate' or 'skip'")
         if num_image_tokens < 1 or max_length < 1:
             raise ValueError(f"num_image_tokens={num_image_tokens}, max_length={max_length}: expected both >= 1")
-        self.student = _Side(tokenizer, image_token, num_image_tokens, max_length)
-        self.image_processor = image_processor
-        self.teacher_side = None
-        self.teacher_processor = None
+        self.sides: dict[str, _Side] = {
+            "student": _Side(tokenizer, image_token, num_image_tokens, max_length, image_token_count, image_prompt)
+        }
+        self.processors: dict[str, Callable[[list[Image.Image]], Tensor | dict[str, Tensor]]] = {
+            "student": image_processor
+        }
         if teacher is not None:
-            self.teacher_side = _Side(teacher.tokenizer, teacher.image_token, teacher.num_image_tokens,
-                                      teacher.max_length, teacher.image_token_count)
-            self.teacher_processor = teacher.image_processor
+            self.sides["teacher"] = _Side(teacher.tokenizer, teacher.image_token, teacher.num_image_tokens,
+                                          teacher.max_length, teacher.image_token_count, teacher.image_prompt)
+            self.processors["teacher"] = teacher.image_processor
         self.train = train
+        self.prompts = prompts and train
         self.on_overflow = on_overflow
         self.stats = {"samples": 0, "truncated": 0, "skipped_overflow": 0, "bad": 0}
 
+    @property
+    def student(self) -> _Side:
+        return self.sides["student"]
+
     @classmethod
     def for_models(cls, student: Any, teacher: Any | None = None, **kwargs: Any) -> MultimodalCollator:
-        """A collator for a student (and teacher) exposing ``tokenizer``, ``preprocess_images``,
-        ``num_image_tokens`` and ``image_token``. The teacher side is added only when the teacher's inputs would
-        differ: another image token, visual-token count, vocabulary or preprocessing (checked on a probe image).
+        """A collator for a student (and teacher) with the :class:`~mmkd.contract.VisionLanguageModel` interface
+        (``tokenizer``, ``image_inputs`` or ``preprocess_images``, ``num_image_tokens``, ``image_token``). The
+        teacher side is added only when the teacher's inputs would differ: another image token or prompt,
+        visual-token count, vocabulary or preprocessing (checked on probe images).
         """
         side = None
         if teacher is not None and not _same_inputs(student, teacher):
@@ -273,85 +305,100 @@ class MultimodalCollator:
             num_image_tokens=student.num_image_tokens,
             image_token=student.image_token,
             teacher=side,
+            image_token_count=getattr(student, "image_token_count", None),
+            image_prompt=getattr(student, "image_prompt", None),
             **kwargs,
         )
 
     # -- per sample ---------------------------------------------------------------------------------------------
 
-    def encode(self, record: Record, messages: list[dict[str, str]] | None = None) -> dict[str, list[int]] | None:
-        """Token lists of one record: ``input_ids`` and ``labels`` (train) per side (``teacher_`` prefixed), or
-        ``None`` when the sample is skipped for length. Counts truncation/skips in ``self._batch_stats``."""
+    def encode(self, record: Record, messages: list[dict[str, str]] | None = None) -> dict[str, Encoded] | None:
+        """Token lists of one record per side (``"student"``, ``"teacher"``): ``input_ids`` and, for training,
+        ``labels`` (and the ``prompt`` ids with ``prompts``), or ``None`` when the sample is skipped for length.
+        Counts truncation and skips in this batch's stats."""
         messages = record["messages"] if messages is None else messages
         rid, images = str(record.get("id", "?")), record.get("images", [])
-        sides = [("", self.student)] + ([("teacher_", self.teacher_side)] if self.teacher_side else [])
-        counts = {prefix: side.counts(images) for prefix, side in sides}
+        counts = {name: side.counts(images) for name, side in self.sides.items()}
         # The teacher's limit, unless set: the student's plus the extra visual tokens of this very sample.
-        limits = {prefix: side.max_length if side.max_length is not None
-                  else self.student.max_length + max(0, sum(counts[prefix]) - sum(counts[""]))
-                  for prefix, side in sides}
+        limits = {name: side.max_length if side.max_length is not None
+                  else self.student.max_length + max(0, sum(counts[name]) - sum(counts["student"]))
+                  for name, side in self.sides.items()}
         if not self.train:
             out = {}
-            for prefix, side in sides:
-                ids = side.encode_prompt(messages, counts[prefix], rid)
-                if len(ids) > limits[prefix]:
+            for name, side in self.sides.items():
+                ids = side.encode_prompt(messages, counts[name], rid)
+                if len(ids) > limits[name]:
                     self._batch_stats["skipped_overflow"] += 1
                     return None
-                out[prefix + "input_ids"] = ids
+                out[name] = Encoded(ids)
             return out
-        encoded = {prefix: side.encode_train(messages, counts[prefix], rid) for prefix, side in sides}
+        encoded = {name: side.encode_train(messages, counts[name], rid) for name, side in self.sides.items()}
         n_answer = [sum(lab != IGNORE_INDEX for lab in labels) for _, labels in encoded.values()]
         if not any(n_answer):
             raise ValueError(f"record '{rid}': no answer tokens; expected at least one assistant turn with text")
-        if self.teacher_side is not None:
+        if "teacher" in self.sides:
             answers = [[lab for lab in labels if lab != IGNORE_INDEX] for _, labels in encoded.values()]
             if answers[0] != answers[1]:
                 raise ValueError(
                     f"record '{rid}': student and teacher tokenize the answer differently; token-level distillation"
                     " needs a shared vocabulary"
                 )
-        too_long = [len(ids) > limits[prefix] for prefix, (ids, _) in encoded.items()]
+        too_long = [len(ids) > limits[name] for name, (ids, _) in encoded.items()]
         if any(too_long):
             if self.on_overflow == "skip":
                 self._batch_stats["skipped_overflow"] += 1
                 return None
             # Keep the same first k answer tokens on both sides: k = what the tighter side can hold.
             keep = min(
-                sum(lab != IGNORE_INDEX for lab in labels[: limits[prefix]]) for prefix, (_, labels) in encoded.items()
+                sum(lab != IGNORE_INDEX for lab in labels[: limits[name]]) for name, (_, labels) in encoded.items()
             )
             if keep == 0:
                 self._batch_stats["skipped_overflow"] += 1
                 return None
-            for prefix, (ids, labels) in encoded.items():
+            for name, (ids, labels) in encoded.items():
                 cut = _cut_after_answers(labels, keep)
-                encoded[prefix] = (ids[:cut], labels[:cut])
+                encoded[name] = (ids[:cut], labels[:cut])
             self._batch_stats["truncated"] += 1
         out = {}
-        for prefix, (ids, labels) in encoded.items():
-            out[prefix + "input_ids"], out[prefix + "labels"] = ids, labels
+        for name, (ids, labels) in encoded.items():
+            prompt = self.sides[name].encode_prompt(messages, counts[name], rid) if self.prompts else None
+            out[name] = Encoded(ids, labels, prompt)
         return out
 
     # -- batch --------------------------------------------------------------------------------------------------
 
-    def _tensors(self, rows: list[dict[str, list[int]]], prefix: str, side: _Side) -> dict[str, Tensor]:
-        ids = [r[prefix + "input_ids"] for r in rows]
-        left = not self.train
-        out = {
-            prefix + "input_ids": _pad(ids, side.pad_id, left),
-            prefix + "attention_mask": _pad([[1] * len(r) for r in ids], 0, left),
-        }
-        if self.train:
-            out[prefix + "labels"] = _pad([r[prefix + "labels"] for r in rows], IGNORE_INDEX, left)
-        return out
+    def _inputs(self, rows: list[list[int]], side: _Side, images: dict[str, Tensor], left: bool) -> ModelInputs:
+        return ModelInputs(_pad(rows, side.pad_id, left), _pad([[1] * len(r) for r in rows], 0, left), images)
 
     def _start(self) -> None:
         self._batch_stats = {"samples": 0, "truncated": 0, "skipped_overflow": 0, "bad": 0}
 
-    def _finish_stats(self, batch: dict[str, Any]) -> None:
+    def _finish_stats(self) -> dict[str, int]:
         for k, v in self._batch_stats.items():
             self.stats[k] += v
-        batch["data_stats"] = dict(self._batch_stats)
+        return dict(self._batch_stats)
 
-    def __call__(self, records: Sequence[Record | None]) -> dict[str, Any]:
+    def _images(self, kept: Sequence[Record]) -> dict[str, dict[str, Tensor]]:
+        """Each side's image inputs for the kept records' images (in sample order); empty without images."""
+        images = [im for r in kept for im in r.get("images", [])]
+        if not images:
+            return {name: {} for name in self.sides}
+        return {name: _image_batch(self.processors[name](images)) for name in self.sides}
+
+    def _labelled(self, rows: list[dict[str, Encoded]], images: dict[str, dict[str, Tensor]], standin: bool,
+                  stats: dict[str, int], ids: list[str]) -> DistillBatch:
+        sides = {}
+        for name, side in self.sides.items():
+            sides[name] = (self._inputs([r[name].input_ids for r in rows], side, images[name], left=False),
+                           _pad([r[name].labels for r in rows], IGNORE_INDEX, left=False))
+        prompts = {name: self._inputs([r[name].prompt for r in rows], side, images[name], left=True)
+                   for name, side in self.sides.items()} if self.prompts else {}
+        teacher = sides.get("teacher", (None, None))
+        return DistillBatch(sides["student"][0], sides["student"][1], teacher[0], teacher[1], standin=standin,
+                            data_stats=stats, ids=ids, prompt=prompts.get("student"),
+                            teacher_prompt=prompts.get("teacher"))
+
+    def __call__(self, records: Sequence[Record | None]) -> DistillBatch | PromptBatch:
         self._start()
         kept, rows = [], []
         for record in records:
@@ -368,28 +415,24 @@ class MultimodalCollator:
             row = self.encode(STANDIN_RECORD)
             standin = row is not None
             kept, rows = ([STANDIN_RECORD], [row]) if standin else ([], [])
-        batch: dict[str, Any] = self._tensors(rows, "", self.student)
-        if self.teacher_side is not None:
-            batch.update(self._tensors(rows, "teacher_", self.teacher_side))
-        images = [im for r in kept for im in r.get("images", [])]
-        if images:
-            batch.update(_image_batch(self.image_processor(images)))
-            if self.teacher_processor is not None:
-                batch.update(_image_batch(self.teacher_processor(images), "teacher_"))
+        images = self._images(kept)
+        ids = [str(r.get("id")) for r in kept]
         if not self.train:
-            batch["ids"] = [str(r.get("id")) for r in kept]
-        if standin:
-            batch["standin"] = True
-        self._finish_stats(batch)
-        return batch
+            teacher = None
+            if "teacher" in self.sides:
+                teacher = self._inputs([r["teacher"].input_ids for r in rows], self.sides["teacher"],
+                                       images["teacher"], left=True)
+            inputs = self._inputs([r["student"].input_ids for r in rows], self.student, images["student"], left=True)
+            return PromptBatch(inputs, ids, self._finish_stats(), teacher)
+        return self._labelled(rows, images, standin, self._finish_stats(), ids)
 
 
 class PreferenceCollator(MultimodalCollator):
-    """Preference records -> ``chosen_*`` and ``rejected_*`` batches (and ``teacher_chosen_*``, ...).
+    """Preference records -> :class:`~mmkd.contract.PreferenceBatch`: a labelled batch per answer (chosen, rejected).
 
     Each side is the prompt turns plus an assistant turn with the chosen or rejected text, labelled as in
-    ``MultimodalCollator``; ``chosen_pixel_values`` and ``rejected_pixel_values`` are the same tensor. A pair is
-    skipped when either side is. Takes the arguments of ``MultimodalCollator`` (always in training mode).
+    ``MultimodalCollator`` (teacher inputs included when they differ); both sides share one image-input dict. A pair
+    is skipped when either side is. Takes the arguments of ``MultimodalCollator`` (always in training mode).
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, **kwargs: Any) -> None:
@@ -397,7 +440,7 @@ class PreferenceCollator(MultimodalCollator):
             raise ValueError("PreferenceCollator: train=False is not supported; preference batches are for training")
         super().__init__(tokenizer, **kwargs)
 
-    def __call__(self, records: Sequence[Record | None]) -> dict[str, Any]:
+    def __call__(self, records: Sequence[Record | None]) -> PreferenceBatch:
         self._start()
         kept, rows = [], {"chosen": [], "rejected": []}
         for record in records:
@@ -426,29 +469,18 @@ class PreferenceCollator(MultimodalCollator):
                 kept = [STANDIN_RECORD]
                 for name in rows:
                     rows[name].append(pair[name])
-        batch: dict[str, Any] = {}
-        images = [im for r in kept for im in r.get("images", [])]
-        pixels = _image_batch(self.image_processor(images)) if images else {}
-        t_pixels = _image_batch(self.teacher_processor(images)) if images and self.teacher_processor else {}
-        for name, side_rows in rows.items():
-            for k, v in self._tensors(side_rows, "", self.student).items():
-                batch[f"{name}_{k}"] = v
-            for k, v in pixels.items():
-                batch[f"{name}_{k}"] = v
-            if self.teacher_side is not None:
-                for k, v in self._tensors(side_rows, "teacher_", self.teacher_side).items():
-                    batch[f"teacher_{name}_{k.removeprefix('teacher_')}"] = v
-                for k, v in t_pixels.items():
-                    batch[f"teacher_{name}_{k}"] = v
-        if standin:
-            batch["standin"] = True
-        self._finish_stats(batch)
-        return batch
+        images = self._images(kept)  # one dict per model, shared by both answers
+        stats = self._finish_stats()
+        ids = [str(r.get("id")) for r in kept]
+        sides = {name: self._labelled(side_rows, images, standin, stats, ids) for name, side_rows in rows.items()}
+        return PreferenceBatch(sides["chosen"], sides["rejected"], standin=standin, data_stats=stats)
 
 
 def _same_inputs(student: Any, teacher: Any) -> bool:
-    """Whether the teacher would get exactly the student's batch (then no ``teacher_*`` keys are needed)."""
+    """Whether the teacher would get exactly the student's batch (then the batch carries no teacher inputs)."""
     if student.num_image_tokens != teacher.num_image_tokens or student.image_token != teacher.image_token:
+        return False
+    if getattr(student, "image_prompt", None) != getattr(teacher, "image_prompt", None):
         return False
     s_tok, t_tok = student.tokenizer, teacher.tokenizer
     if s_tok is not t_tok and (s_tok.get_vocab() != t_tok.get_vocab() or s_tok.chat_template != t_tok.chat_template):
@@ -461,15 +493,12 @@ def _same_inputs(student: Any, teacher: Any) -> bool:
     return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
 
 
-IMAGE_INPUT_KEYS = ("pixel_values", "image_sizes", "batch_num_images")
-"""Batch keys of image inputs a model's forward takes (``teacher_`` prefixed for the teacher's own)."""
-
-
 def _image_fn(model: Any) -> Callable[[list[Image.Image]], Tensor | dict[str, Tensor]]:
     return getattr(model, "image_inputs", None) or model.preprocess_images
 
 
-def _image_batch(out: Tensor | dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
-    """An image processor's output as batch entries: a tensor is ``pixel_values``; a dict keeps its keys."""
-    items = out.items() if isinstance(out, dict) else [("pixel_values", out)]
-    return {prefix + k: v for k, v in items if k in IMAGE_INPUT_KEYS}
+def _image_batch(out: Tensor | Mapping[str, Any]) -> dict[str, Tensor]:
+    """An image processor's output, whole: a tensor is ``pixel_values``; a mapping keeps every tensor it holds."""
+    if isinstance(out, Tensor):
+        return {"pixel_values": out}
+    return {k: v for k, v in out.items() if isinstance(v, Tensor)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmkd.data.synth import synth_sqa
+from mmkd.data.synth import synth_sqa, tokenizer_corpus
 from mmkd.data.tokenizer import build_tokenizer
 
 
@@ -41,5 +41,5 @@ def tokenizer_command(out: str, vocab_size: int = 2048) -> dict[str, Any]:
     Returns:
         The folder and the vocabulary size reached.
     """
-    tok = build_tokenizer(out, vocab_size=vocab_size)
+    tok = build_tokenizer(out, tokenizer_corpus(0), vocab_size=vocab_size)
     return {"out": out, "vocab_size": len(tok)}

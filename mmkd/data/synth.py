@@ -27,6 +27,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from mmkd.data.scienceqa import letters, render_sqa_prompt
+from mmkd.data.tokenizer import BUILTIN_CORPUS, build_tokenizer
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -576,6 +577,12 @@ def generate(n: int, seed: int, *, fixed_options: bool = False, families: Sequen
     return items
 
 
+def tokenizer_corpus(seed: int = 0) -> Iterator[str]:
+    """The tiny tokenizer's corpus: the built-in one followed by the text of a small synthetic world (no images)."""
+    yield from BUILTIN_CORPUS
+    yield from world_texts(n=2000, seed=seed)
+
+
 def world_texts(n: int = 2000, seed: int = 0) -> Iterator[str]:
     """Text of a synthetic world (prompts, answers, lectures, solutions, captions): a tokenizer corpus."""
     for item in generate(n, seed):
@@ -731,9 +738,7 @@ def synth_sqa(
     _write_json(out / "captions.json", captions)
     _write_json(out / "preference.json", preferences)
     if tokenizer:
-        from mmkd.data.tokenizer import build_tokenizer
-
-        build_tokenizer(out / "tokenizer", vocab_size=vocab_size, seed=seed)
+        build_tokenizer(out / "tokenizer", tokenizer_corpus(seed), vocab_size=vocab_size)
     summary: dict[str, Any] = {"out": str(out), "problems": n, "captions": len(captions)}
     summary["preferences"] = len(preferences)
     for split, pids in splits.items():

@@ -1,14 +1,15 @@
 """An offline byte-level BPE tokenizer for the tiny presets, trained with the `tokenizers` library.
 
-Nothing is downloaded: the tokenizer is trained on a built-in corpus (plus, by default, the text of the synthetic
-ScienceQA world), saved as a plain transformers tokenizer folder, and loaded back with
-``AutoTokenizer.from_pretrained(folder)`` like any hub tokenizer.
+Nothing is downloaded: the tokenizer is trained on a corpus (the built-in one below unless given; the synthetic
+ScienceQA world trains it on the built-in corpus plus its own text, see ``mmkd.data.synth.tokenizer_corpus``), saved
+as a plain transformers tokenizer folder, and loaded back with ``AutoTokenizer.from_pretrained(folder)`` like any hub
+tokenizer.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -29,7 +30,7 @@ CHAT_TEMPLATE = (
 )
 
 # Words and phrasings the prompts use, so that the tokenizer has merges for them even when trained on little text.
-_BUILTIN_CORPUS = [
+BUILTIN_CORPUS = [
     "Answer with the option's letter from the given choices directly.",
     "Context: Look at the picture. Then answer the question below.",
     "Question: Which of the following is true? Options: A. yes B. no C. maybe D. none of these",
@@ -46,22 +47,11 @@ _BUILTIN_CORPUS = [
 ]
 
 
-def default_corpus(seed: int = 0) -> Iterator[str]:
-    """The built-in corpus followed by the text of a small synthetic ScienceQA world (no images rendered)."""
-    yield from _BUILTIN_CORPUS
-    try:
-        from mmkd.data.synth import world_texts
-    except ImportError:  # the synthetic world is optional for the tokenizer
-        return
-    yield from world_texts(n=2000, seed=seed)
-
-
 def build_tokenizer(
     out_dir: str | os.PathLike[str],
     texts: Iterable[str] | None = None,
     *,
     vocab_size: int = 2048,
-    seed: int = 0,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer offline and save it as a transformers tokenizer folder.
 
@@ -71,16 +61,15 @@ def build_tokenizer(
 
     Args:
         out_dir: Folder to write (created if missing); load it back with ``AutoTokenizer.from_pretrained``.
-        texts: Training corpus; default: a built-in corpus plus the synthetic ScienceQA world of ``seed``.
+        texts: Training corpus; default: the built-in corpus (:data:`BUILTIN_CORPUS`).
         vocab_size: Total vocabulary size including the 256 byte symbols and the special tokens.
-        seed: Seed of the synthetic world used as default corpus (ignored when ``texts`` is given).
 
     Returns:
         The tokenizer, as loaded back from ``out_dir``.
     """
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size={vocab_size}: expected at least {256 + len(SPECIAL_TOKENS)} (bytes + specials)")
-    corpus = list(default_corpus(seed) if texts is None else texts)
+    corpus = list(BUILTIN_CORPUS if texts is None else texts)
     if not corpus:
         raise ValueError("build_tokenizer: the training corpus is empty; expected at least one text")
 

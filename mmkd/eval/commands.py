@@ -1,12 +1,13 @@
-"""``mmkd eval`` and ``mmkd eval score``: typed command functions whose docstrings are the CLI help."""
+"""``mmkd eval score`` and the evaluation of a loaded model on a benchmark (``mmkd eval`` resolves the model in the
+app layer, :mod:`mmkd.train.evaluate`, and calls :func:`evaluate_model`)."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 
 from mmkd.eval.answer_key import AnswerKey, load_question_file_key, load_scienceqa_key
@@ -96,58 +97,7 @@ def score_command(
     return report
 
 
-def resolve_model(model: str, stage: str | None = None) -> tuple[Path | str, str, Path | None]:
-    """Where the weights of ``MODEL`` are: a run directory's stage student, a student folder or a LLaVA model.
-
-    Args:
-        model: A run directory (has manifest.json), a model folder, or a hub id.
-        stage: With a run directory, the stage whose student to take (default: the last one done).
-
-    Returns:
-        ``(folder or hub id, model_id for answer lines, run directory or None)``.
-    """
-    path = Path(model)
-    manifest_path = path / "manifest.json"
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            stages: dict[str, Any] = manifest["stages"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{manifest_path}: expected a JSON object with 'stages' (an mmkd run manifest)") from None
-        done = [name for name, entry in stages.items() if isinstance(entry, dict) and entry.get("status") == "done"]
-        if stage is None:
-            if not done:
-                raise ValueError(f"{manifest_path}: no stage is done yet; expected at least one finished stage")
-            stage = done[-1]
-        elif stage not in stages:
-            raise ValueError(f"--stage {stage}: {manifest_path} has stages {list(stages)}")
-        elif stage not in done:
-            raise ValueError(f"--stage {stage}: the stage is {stages[stage].get('status')}, expected done")
-        folder = path / (stages[stage].get("student") or f"stages/{stage}/student")
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder}: stage {stage!r} is done but its student folder has no config.json")
-        return folder, f"{path.resolve().name}/{stage}", path
-    if stage is not None:
-        raise ValueError(f"--stage {stage}: {model} is not a run directory (no manifest.json)")
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: expected a run directory (manifest.json) or a model folder (config.json)")
-    return (path if path.is_dir() else model), (path.resolve().name if path.is_dir() else model), None
-
-
-def _load_model(where: Path | str, from_run: bool) -> Any:
-    import torch
-
-    from mmkd.models import LlavaModel, MLLMStudent
-
-    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    model = MLLMStudent.from_pretrained(where, dtype=dtype) if from_run else LlavaModel(str(where), dtype=dtype)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    model.eval()
-    return model
-
-
-def _open_dataset(data: str, split: str) -> tuple[Any, tuple[str, ...], str]:
+def open_dataset(data: str, split: str) -> tuple[Any, tuple[str, ...], str]:
     from mmkd.data.llava import LlavaQuestionFile
     from mmkd.data.scienceqa import ScienceQA
 
@@ -158,57 +108,47 @@ def _open_dataset(data: str, split: str) -> tuple[Any, tuple[str, ...], str]:
     return dataset, PROMPT_CATEGORIES, str(path)
 
 
-def evaluate_command(
-    model: str,
+def evaluate_model(
+    model: Any,
     data: str,
+    out_dir: str | Path,
+    model_id: str,
+    *,
     split: str = "test",
-    out: str | None = None,
     batch_size: int = 16,
     max_new_tokens: int = 16,
     limit: int | None = None,
     mode: str = "generate",
-    stage: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a student or teacher on a ScienceQA-style benchmark and score it as LLaVA's scorer does.
-
-    Prompts follow LLaVA-1.5 (image, context, question, lettered options, "Answer with the option's letter
-    from the given choices directly."). Writes answers.jsonl (LLaVA's answer-file format, one line per
-    question as it is answered) and metrics.json, and prints the table.
+    """Answer a benchmark with a loaded model, score it as LLaVA's scorer does, write answers.jsonl and metrics.json.
 
     Args:
-        model: A run directory (its last finished stage, or --stage), an exported student folder, or any
-            LLaVA-class model folder or hub id (to score the teacher the same way).
-        data: ``sqa:DIR`` (ScienceQA layout: problems.json, pid_splits.json, images/) or
-            ``llava:QUESTIONS.json[:IMAGE_DIR]`` (LLaVA's question file; images default to
-            ``images/<split>`` next to it).
-        split: The ScienceQA split (a key of pid_splits.json).
-        out: Output folder (default: ``RUN/eval/STAGE/SPLIT-MODE`` for a run, else ``eval/NAME/SPLIT-MODE``).
+        model: A loaded :class:`~mmkd.contract.VisionLanguageModel` in eval mode on its device, or a function that
+            loads it (called once the benchmark is open, so a bad ``data`` fails before a model loads).
+        data: ``sqa:DIR`` or ``llava:QUESTIONS.json[:IMAGE_DIR]``.
+        out_dir: Output folder.
+        model_id: The model's name in the answer lines.
+        split: The ScienceQA split.
         batch_size: Questions per batch.
-        max_new_tokens: Most tokens generated per answer (LLaVA's scorer needs only the letter).
-        limit: Evaluate only the first N questions (a quick look; not comparable with published numbers).
-        mode: ``generate`` (greedy decoding, parsed like LLaVA) or ``likelihood`` (the option letter with the
-            highest log-probability after the prompt; fast and robust for tiny models, reported separately).
-        stage: With a run directory, the stage to evaluate.
+        max_new_tokens: Most tokens generated per answer.
+        limit: Evaluate only the first N questions.
+        mode: ``generate`` or ``likelihood``.
 
     Returns:
         The metrics written to metrics.json (with ``mode``).
     """
     if mode not in MODES:
         raise ValueError(f"--mode {mode}: expected one of {', '.join(MODES)}")
-    where, model_id, run_dir = resolve_model(model, stage)
-    dataset, categories, source = _open_dataset(data, split)
-    if out is None:
-        base = run_dir / "eval" / model_id.rsplit("/", 1)[-1] if run_dir is not None else Path("eval") / model_id
-        out_dir = base / f"{split}-{mode}"
-    else:
-        out_dir = Path(out)
+    dataset, categories, source = open_dataset(data, split)
+    if callable(model) and not isinstance(model, torch.nn.Module):
+        model = model()
+    out_dir = Path(out_dir)
     console = Console()
-    loaded = _load_model(where, run_dir is not None)
     metric = ScienceQAAccuracy(categories=categories, sync_on_compute=False)
     start = time.perf_counter()
     with AnswerWriter(out_dir / "answers.jsonl", model_id) as writer:
         stats = run_evaluation(
-            loaded, dataset, writer, metric, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            model, dataset, writer, metric, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
             limit=limit,
         )
     seconds = time.perf_counter() - start

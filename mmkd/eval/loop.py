@@ -3,10 +3,9 @@
 Nothing is held per question beyond one batch: answers go to the answer file line by line and into the
 ``ScienceQAAccuracy`` sums as each batch finishes, so a 4,241-question split costs the memory of one batch.
 
-The model is anything with the interface of ``mmkd.models`` (``ImageTextModel``): ``tokenizer``,
-``image_token``, ``num_image_tokens``, ``preprocess_images(list[Image]) -> (N, 3, H, W)``,
-``generate(max_new_tokens=..., input_ids=..., attention_mask=..., pixel_values=...) -> (B, L_new)`` and
-``forward(input_ids, attention_mask, pixel_values) -> ModelOutput``.
+The model is any :class:`~mmkd.contract.VisionLanguageModel` (``tokenizer``, ``image_token``,
+``num_image_tokens``, ``image_inputs``, ``generate(inputs, max_new_tokens) -> (B, L_new)`` and
+``forward(**inputs.kwargs()) -> ModelOutput``).
 """
 
 from __future__ import annotations
@@ -17,10 +16,9 @@ from typing import Any, Literal
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from mmkd.data.collate import IMAGE_INPUT_KEYS, MultimodalCollator
+from mmkd.data.collate import MultimodalCollator
 from mmkd.eval.answer_key import KeyedQuestion, key_from_record
 from mmkd.eval.answers import AnswerWriter
 from mmkd.eval.metric import ScienceQAAccuracy
@@ -66,10 +64,10 @@ def letter_token_ids(model: Any, letters: str = OPTION_LETTERS) -> list[int]:
     answer_side = MultimodalCollator.for_models(model, train=True)
     user = {"role": "user", "content": "Which one?\nA. one\nB. two"}
     probe = {"id": "letter-probe", "images": [], "messages": [user]}
-    prompt_ids = prompt_side.encode(probe)["input_ids"]
+    prompt_ids = prompt_side.encode(probe)["student"].input_ids
     ids = []
     for letter in letters:
-        full = answer_side.encode(probe, [user, {"role": "assistant", "content": letter}])["input_ids"]
+        full = answer_side.encode(probe, [user, {"role": "assistant", "content": letter}])["student"].input_ids
         if full[: len(prompt_ids)] != prompt_ids or len(full) == len(prompt_ids):
             raise ValueError(
                 f"tokenizer {getattr(model.tokenizer, 'name_or_path', '')!r}: the answer {letter!r} does not start "
@@ -108,7 +106,7 @@ class _Batcher:
         present = [r for r in records if r is not None]
         keys = [key_from_record(r) for r in present]
         prompts = {str(r["id"]): _answer_file_prompt(r) for r in present}
-        batch = self.collator(present) if present else {}
+        batch = self.collator(present) if present else None
         return {"keys": keys, "prompts": prompts, "unreadable": len(records) - len(present), "batch": batch}
 
 
@@ -116,11 +114,6 @@ def _answer_file_prompt(record: dict[str, Any]) -> str:
     # LLaVA writes the user turn with `<image>\n` in front (when there is an image) and the instruction last;
     # mmkd.data renders the user turn exactly so.
     return next(m["content"] for m in record["messages"] if m["role"] == "user")
-
-
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
-    keys = ("input_ids", "attention_mask", *IMAGE_INPUT_KEYS)
-    return {k: batch[k].to(device) for k in keys if isinstance(batch.get(k), Tensor)}
 
 
 @torch.no_grad()
@@ -182,19 +175,19 @@ def run_evaluation(
         for item in loader:
             keys: list[KeyedQuestion] = item["keys"]
             batch = item["batch"]
-            kept = batch.get("ids", [])
+            kept = batch.ids if batch is not None else []
             texts: dict[str, str] = {}
             if kept:
-                inputs = _to(batch, device)
+                inputs = batch.inputs.to(device)
                 if mode == "generate":
-                    new_ids = model.generate(max_new_tokens=max_new_tokens, **inputs)
+                    new_ids = model.generate(inputs, max_new_tokens=max_new_tokens)
                     decoded = model.tokenizer.batch_decode(new_ids, skip_special_tokens=True)
                     for qid, text in zip(kept, decoded):
                         texts[qid] = text.strip()
                         writer.write(qid, item["prompts"][qid], texts[qid])
                 else:
                     by_id = {k.question_id: k for k in keys}
-                    out = model(**inputs)
+                    out = model(**inputs.kwargs())
                     # Prompts are left-padded: the last position predicts the first answer token in every row.
                     logprobs = torch.log_softmax(out.logits(out.last_hidden[:, -1]).float(), dim=-1)[:, letter_ids]
                     for row, qid in enumerate(kept):

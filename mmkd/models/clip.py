@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from mmkd.contract import CLIPOutput
 from mmkd.models.errors import ModelNotFoundError, load_or_explain
-from mmkd.models.mllm import resolve_dtype
+from mmkd.models.loading import resolve_dtype
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -104,6 +104,17 @@ class CLIPModel(nn.Module):
     def from_pretrained(cls, folder: str | os.PathLike, *, dtype: str = "float32") -> CLIPModel:
         """Reload a model written by :meth:`save_pretrained`."""
         return cls(str(folder), dtype=dtype)
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the image and text embeddings."""
+        visual = self.model.visual
+        for attr in ("embed_dim", "output_dim"):
+            value = getattr(visual, attr, None)
+            if isinstance(value, int):
+                return value
+        proj = self.model.text_projection
+        return int(proj.shape[-1] if isinstance(proj, Tensor) else proj.out_features)
 
     def forward(self, images: Tensor, text_tokens: Tensor) -> CLIPOutput:
         """Embed a batch.

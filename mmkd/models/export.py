@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from mmkd.models.errors import check_folder
-from mmkd.models.student import MLLMStudent
+from mmkd.models.mllm import ImageTextModel
 
 
 def export_student(
@@ -30,7 +30,7 @@ def export_student(
     and ``pipeline("image-text-to-text")`` without mmkd.
 
     Args:
-        student_dir: Folder written by ``MLLMStudent.save_pretrained``.
+        student_dir: Folder written by a student's ``save_pretrained`` (any image-text family).
         out_dir: Destination folder (created; existing files with the same names are replaced).
         recipe: The resolved recipe, named in the card (``name`` or ``run_dir``) and stored as ``mmkd_recipe.yaml``.
         metrics: Evaluation results to list in the card, ``{name: value}`` or ``{stage: {name: value}}``.
@@ -40,7 +40,7 @@ def export_student(
         ``Path(out_dir)``.
     """
     check_folder(student_dir, key="student_dir", what="student")
-    student = MLLMStudent.from_pretrained(student_dir)
+    student = ImageTextModel.from_pretrained(student_dir)
     text_cfg = student.hf.config.text_config
     if getattr(text_cfg, "output_router_logits", False):
         text_cfg.output_router_logits = False  # Llava's output class cannot carry router logits
@@ -79,7 +79,7 @@ def _fmt(v: Any) -> str:
 
 
 def model_card(
-    student: MLLMStudent, *, recipe: dict | None = None, metrics: dict | None = None, teacher: str | None = None
+    student: ImageTextModel, *, recipe: dict | None = None, metrics: dict | None = None, teacher: str | None = None
 ) -> str:
     """Markdown model card with a Hugging Face metadata header."""
     cfg = student.hf.config

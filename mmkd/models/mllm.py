@@ -13,27 +13,11 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import PreTrainedModel, ProcessorMixin
 
-from mmkd.contract import ModelOutput
+from mmkd.contract import ModelInputs, ModelOutput
+from mmkd.models.loading import load_image_text
 from mmkd.models.moe import RouterLossCollector
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-# Keys a collated batch carries that generation does not take.
-_NOT_FOR_GENERATE = ("labels", "teacher_", "chosen_", "rejected_", "ids", "answer")
-
-
-def resolve_dtype(dtype: str) -> torch.dtype:
-    """``"float32" | "bfloat16" | "float16"`` (or bf16/fp16/fp32) to a torch dtype."""
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
-
+__all__ = ["ImageTextModel"]
 
 def _text_config(hf: PreTrainedModel) -> Any:
     return hf.config.get_text_config(decoder=True)
@@ -61,6 +45,8 @@ class ImageTextModel(nn.Module):
         self.hf = hf
         self.processor = processor
         self.compute_dtype = dtype
+        self.path: str | None = getattr(hf, "name_or_path", None) or None
+        self.quantize: str | None = None
         self._frozen = False
         self._anchor_inputs: dict[str, Tensor] | None = None
         # Rows of the LM head exposed in ModelOutput; set by align_vocab so teacher and student logits line up.
@@ -70,6 +56,16 @@ class ImageTextModel(nn.Module):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         self.image_token: str = getattr(processor, "image_token", None) or "<image>"
+        # The text that stands for one image in a prompt: the image token itself for LLaVA-class processors; the
+        # token between the vision start and end tokens for families that declare them (Qwen2-VL, Qwen2.5-VL, ...).
+        self.image_prompt: str = self.image_token
+        start, end = (getattr(hf.config, f"vision_{k}_token_id", None) for k in ("start", "end"))
+        if start is not None and end is not None:
+            self.image_prompt = tok.convert_ids_to_tokens(start) + self.image_token + tok.convert_ids_to_tokens(end)
+        # Families whose forward takes the text's modality types (Qwen2.5-VL's 3-D rotary positions) get them from
+        # the image token positions, as their processor would give them.
+        self._takes_token_types = "mm_token_type_ids" in inspect.signature(
+            getattr(hf, hf.base_model_prefix).forward).parameters
         cfg_id = getattr(hf.config, "image_token_id", None)
         if cfg_id is None:
             cfg_id = getattr(hf.config, "image_token_index", None)
@@ -85,6 +81,24 @@ class ImageTextModel(nn.Module):
         return self.processor.tokenizer
 
     @property
+    def hidden_size(self) -> int:
+        """Width of the final hidden states (the language model's ``hidden_size``)."""
+        return int(_text_config(self.hf).hidden_size)
+
+    @property
+    def end_token_ids(self) -> list[int]:
+        """Token ids that end an answer: the generation config's end tokens and the tokenizer's end-of-turn."""
+        ids = self.hf.generation_config.eos_token_id
+        ids = list(ids) if isinstance(ids, (list, tuple)) else ([] if ids is None else [ids])
+        eos = self.tokenizer.eos_token_id
+        return ids + ([eos] if eos is not None and eos not in ids else [])
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the LM head the output contract exposes (the tokenizer's length once vocabularies are aligned)."""
+        return int(self.vocab_limit or self.hf.get_output_embeddings().weight.shape[0])
+
+    @property
     def image_size(self) -> tuple[int, int]:
         """``(H, W)`` of the pixel values the image processor produces."""
         ip = self.processor.image_processor
@@ -95,17 +109,30 @@ class ImageTextModel(nn.Module):
         edge = int(size.get("shortest_edge", 224))
         return edge, edge
 
+    def _count_by_processor(self, image: Image.Image) -> int:
+        enc = self.processor(text=self.image_token, images=[image.convert("RGB")], return_tensors="pt")
+        return int((enc["input_ids"] == self.image_token_id).sum())
+
     def _probe_image_tokens(self) -> tuple[int, bool]:
         """Visual tokens of an image of the processor's size, and whether every image gets that many.
 
-        Asks the processor itself, so models whose count differs from (size/patch)^2 are right too; families
-        whose processor reports image sizes tile images at any resolution, so their count is per image.
+        Asks the processor itself, so models whose count differs from (size/patch)^2 are right too. A family whose
+        count depends on the image (any-resolution tiling, dynamic resolution) gives another count for an image
+        twice as wide.
         """
         h, w = self.image_size
-        enc = self.processor(text=self.image_token, images=[Image.new("RGB", (w, h))], return_tensors="pt")
-        return int((enc["input_ids"] == self.image_token_id).sum()), "image_sizes" not in enc
+        nominal = self._count_by_processor(Image.new("RGB", (w, h)))
+        return nominal, self._count_by_processor(Image.new("RGB", (2 * w, h))) == nominal
 
     # -- contract -------------------------------------------------------------------------------------------
+    def token_types(self, input_ids: Tensor) -> Tensor:
+        """``(B, T)`` modality of each token as the family's processor marks it: 1 on image tokens, 0 on text."""
+        return (input_ids == self.image_token_id).to(torch.int32)
+
+    def _cast_images(self, images: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Floating image inputs in the compute dtype (integer ones, such as ``image_grid_thw``, unchanged)."""
+        return {k: v.to(self.compute_dtype) if v.is_floating_point() else v for k, v in images.items()}
+
     def forward(
         self,
         input_ids: Tensor,
@@ -117,11 +144,12 @@ class ImageTextModel(nn.Module):
         """One forward pass over a collated batch.
 
         Args:
-            input_ids: ``(B, T)`` with each ``<image>`` already expanded to ``num_image_tokens`` tokens.
+            input_ids: ``(B, T)`` with each image's token already expanded to its visual-token count.
             attention_mask: ``(B, T)``.
-            pixel_values: ``(N_img, 3, H, W)`` or None.
+            pixel_values: ``(N_img, 3, H, W)`` (or the family's layout) or None.
             output_hidden_states: Also return per-layer hidden states of the language model.
-            **kwargs: Extra model inputs some families need (e.g. ``image_sizes``).
+            **kwargs: The other image inputs of the family (``image_sizes``, ``image_grid_thw``, ...), as the image
+                processor gave them (``ModelInputs.images``).
 
         Returns:
             The output contract: ``last_hidden (B, T, H)``, LM head, ``vision_features (N_img, N, H)``,
@@ -129,6 +157,9 @@ class ImageTextModel(nn.Module):
         """
         if pixel_values is not None:
             pixel_values = pixel_values.to(self.compute_dtype)
+        kwargs = self._cast_images(kwargs)
+        if self._takes_token_types:
+            kwargs.setdefault("mm_token_type_ids", self.token_types(input_ids))
         if self._routers is not None:
             self._routers.start()
         base = getattr(self.hf, self.hf.base_model_prefix)
@@ -178,12 +209,12 @@ class ImageTextModel(nn.Module):
             if fired:
                 return output
             fired = True
-            anchor = self._vision_anchor(base)
+            anchor = self._vision_anchor(base, output.device)
             return output if anchor is None else output + anchor.to(output.dtype)
 
         return hook
 
-    def _vision_anchor(self, base: nn.Module) -> Tensor | None:
+    def _vision_anchor(self, base: nn.Module, device: torch.device) -> Tensor | None:
         """``0 ×`` the vision path on a blank image, for micro-batches without any image.
 
         Under DDP/ZeRO every rank must run the same graph: a rank whose micro-batch is text-only would otherwise
@@ -202,8 +233,6 @@ class ImageTextModel(nn.Module):
             h, w = self.image_size
             self._anchor_inputs = self.image_inputs([Image.new("RGB", (w, h))])
         accepted = inspect.signature(get).parameters
-        vision_param = next(iter(base.vision_tower.parameters()), None) if hasattr(base, "vision_tower") else None
-        device = vision_param.device if vision_param is not None else None
         inputs = {k: v.to(device) for k, v in self._anchor_inputs.items() if k in accepted}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.compute_dtype)
         cfg = self.hf.config
@@ -217,27 +246,26 @@ class ImageTextModel(nn.Module):
         return feats.float().sum() * 0.0
 
     @torch.no_grad()
-    def generate(self, max_new_tokens: int = 32, **batch: Any) -> Tensor:
+    def generate(self, inputs: ModelInputs, max_new_tokens: int = 32, **generation: Any) -> Tensor:
         """Greedy generation (unless sampling arguments say otherwise) through transformers' ``generate``.
 
         Args:
+            inputs: Left-padded prompts (``PromptBatch.inputs``) with their image inputs.
             max_new_tokens: Tokens to generate at most.
-            **batch: ``input_ids (B, T)`` (left-padded for batched prompts), ``attention_mask``, ``pixel_values``,
-                plus generation arguments; training-only batch keys (labels, ``teacher_*``, ...) are ignored.
+            **generation: Arguments of transformers' ``generate`` (``do_sample``, ``temperature``, ``top_p``,
+                ``synced_gpus``, a ``generation_config``...).
 
         Returns:
             ``(B, T_new)`` new token ids only (prompt removed), padded with the pad token.
         """
-        kwargs = {k: v for k, v in batch.items() if not k.startswith(_NOT_FOR_GENERATE)}
-        if kwargs.get("pixel_values") is not None:
-            kwargs["pixel_values"] = kwargs["pixel_values"].to(self.compute_dtype)
-        elif "pixel_values" in kwargs:
-            del kwargs["pixel_values"]
+        kwargs = {"input_ids": inputs.input_ids, "attention_mask": inputs.attention_mask,
+                  **self._cast_images(inputs.images), **generation}
+        if self._takes_token_types:
+            kwargs.setdefault("mm_token_type_ids", self.token_types(inputs.input_ids))
         kwargs.setdefault("do_sample", False)
-        tok = self.tokenizer
-        kwargs.setdefault("pad_token_id", tok.pad_token_id)
-        if tok.eos_token_id is not None:
-            kwargs.setdefault("eos_token_id", tok.eos_token_id)
+        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        if self.end_token_ids:
+            kwargs.setdefault("eos_token_id", self.end_token_ids)
         prompt_len = kwargs["input_ids"].shape[1]
         out = self.hf.generate(max_new_tokens=max_new_tokens, **kwargs)
         return out[:, prompt_len:]
@@ -265,8 +293,7 @@ class ImageTextModel(nn.Module):
         count = getattr(self.processor, "_get_num_multimodal_tokens", None)
         if count is not None:
             return int(count(image_sizes=[(image.height, image.width)])["num_image_tokens"][0])
-        enc = self.processor(text=self.image_token, images=[image.convert("RGB")], return_tensors="pt")
-        return int((enc["input_ids"] == self.image_token_id).sum())
+        return self._count_by_processor(image)
 
     def preprocess_images(self, images: list[Image.Image]) -> Tensor:
         """PIL images to ``(N, 3, H, W)`` pixel values with this model's own image processor."""
@@ -274,6 +301,45 @@ class ImageTextModel(nn.Module):
             h, w = self.image_size
             return torch.empty(0, 3, h, w)
         return self.image_inputs(images)["pixel_values"]
+
+    # -- loading ----------------------------------------------------------------------------------------------
+    def _load_into(self, path: str, *, quantize: str | None = None, gradient_checkpointing: bool = False,
+                   **options: Any) -> None:
+        hf, processor, torch_dtype = load_image_text(str(path), key="path", quantize=quantize, **options)
+        ImageTextModel.__init__(self, hf, processor, dtype=torch_dtype, gradient_checkpointing=gradient_checkpointing)
+        self.path, self.quantize = str(path), quantize
+
+    @classmethod
+    def check_source(cls, path: str, **options: Any) -> None:
+        """Raise a one-line :class:`~mmkd.models.errors.ModelNotFoundError` when ``path`` is a local folder that
+        cannot hold this model (missing config or weights), without loading anything (a hub id passes)."""
+        from mmkd.models.errors import check_folder, is_local
+
+        if is_local(path):
+            check_folder(path, key="path", what="image-text-to-text model")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        *,
+        dtype: str = "float32",
+        quantize: str | None = None,
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+    ) -> ImageTextModel:
+        """Load a model folder written by :meth:`save_pretrained` (or any image-text-to-text folder or hub id)
+        through transformers' Auto classes, as this class (dense or MoE language model alike).
+
+        Args: as :class:`mmkd.models.LlavaModel`.
+        """
+        self = cls.__new__(cls)
+        self._load_into(str(folder), dtype=dtype, quantize=quantize, attn_implementation=attn_implementation,
+                        gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code,
+                        revision=revision)
+        return self
 
     # -- parts, freezing, saving ----------------------------------------------------------------------------
     def parts(self) -> dict[str, list[nn.Parameter]]:
@@ -329,10 +395,11 @@ def _part_of(name: str) -> str:
         return "router"
     if "shared_expert" in name:
         return "experts"
+    # The projector first: Qwen2.5-VL's sits inside its vision module (``visual.merger``).
+    if "multi_modal_projector" in name or "projector" in name or ".merger." in name:
+        return "projector"
     if "vision_tower" in name or "vision_model" in name or ".visual." in name:
         return "vision_tower"
-    if "multi_modal_projector" in name or "projector" in name or "merger" in name:
-        return "projector"
     return "language_model"
 
 

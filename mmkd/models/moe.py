@@ -239,7 +239,7 @@ def _moe_config(
 
 
 @torch.no_grad()
-def _upcycle_lm(
+def upcycle_causal_lm(
     dense: PreTrainedModel,
     num_experts: int,
     top_k: int,
@@ -312,19 +312,14 @@ def upcycle_to_moe(
         A ``Qwen2MoeForCausalLM`` for a bare LM, or the same ``MLLMStudent`` with its LM replaced.
     """
     if hasattr(model, "upcycle_language_model"):
-        # Only options that differ from their defaults are passed, so a student whose upcycle_language_model
-        # predates them keeps working with the defaults.
-        options: dict[str, Any] = {}
-        if first_moe_layer is not None:
-            options["first_moe_layer"] = first_moe_layer
-        if router_layer_reduction != "mean":
-            options["router_layer_reduction"] = router_layer_reduction
-        return model.upcycle_language_model(num_experts, top_k, every, router_aux_loss_coef, z_loss_coef, **options)
+        return model.upcycle_language_model(num_experts, top_k, every, router_aux_loss_coef, z_loss_coef,
+                                            first_moe_layer=first_moe_layer,
+                                            router_layer_reduction=router_layer_reduction)
     if not isinstance(model, PreTrainedModel):
         raise ValueError(
             f"upcycle_to_moe: expected a transformers causal LM or MLLMStudent, got {type(model).__name__}"
         )
-    return _upcycle_lm(model, num_experts, top_k, every, router_aux_loss_coef, z_loss_coef,
+    return upcycle_causal_lm(model, num_experts, top_k, every, router_aux_loss_coef, z_loss_coef,
                        first_moe_layer=first_moe_layer, router_layer_reduction=router_layer_reduction)
 
 

@@ -7,13 +7,11 @@ without mmkd. An upcycled MoE student is the same Llava with a Qwen2-MoE text mo
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    AutoProcessor,
     AutoTokenizer,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -21,9 +19,9 @@ from transformers import (
 )
 
 from mmkd.models.errors import load_or_explain
-from mmkd.models.llava import load_image_text
-from mmkd.models.mllm import ImageTextModel, resolve_dtype
-from mmkd.models.moe import _upcycle_lm, quiet_empty_init
+from mmkd.models.loading import resolve_dtype
+from mmkd.models.mllm import ImageTextModel
+from mmkd.models.moe import quiet_empty_init, upcycle_causal_lm
 from mmkd.models.towers import load_vision_tower
 
 PROJECTORS = ("mlp2x_gelu",)
@@ -42,6 +40,10 @@ def _prepare_tokenizer(tok: Any, image_token: str = "<image>") -> Any:
     """Make sure the tokenizer has an ``<image>`` special token, a pad token and a chat template."""
     if image_token not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": [image_token]})
+    if getattr(tok, "image_token", image_token) != image_token:
+        # A tokenizer that names another image token (Qwen-VL's <|image_pad|>) keeps it in its vocabulary, but the
+        # LLaVA processor built on it expands the one it names: this student's.
+        tok.image_token = image_token
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     if not getattr(tok, "chat_template", None):
@@ -134,23 +136,6 @@ class MLLMStudent(ImageTextModel):
         super().__init__(hf, processor, dtype=torch_dtype, gradient_checkpointing=gradient_checkpointing)
         del lm, tower
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        folder: str | os.PathLike,
-        *,
-        dtype: str = "float32",
-        gradient_checkpointing: bool = False,
-        attn_implementation: str | None = None,
-    ) -> MLLMStudent:
-        """Reload a student written by :meth:`save_pretrained` (dense or MoE) through transformers' Auto classes."""
-        hf, processor, torch_dtype = load_image_text(
-            str(folder), key="student", dtype=dtype, attn_implementation=attn_implementation
-        )
-        self = cls.__new__(cls)
-        ImageTextModel.__init__(self, hf, processor, dtype=torch_dtype, gradient_checkpointing=gradient_checkpointing)
-        return self
-
     @torch.no_grad()
     def upcycle_language_model(
         self,
@@ -159,6 +144,9 @@ class MLLMStudent(ImageTextModel):
         every: int = 1,
         router_aux_loss_coef: float = 0.01,
         z_loss_coef: float = 0.0,
+        *,
+        first_moe_layer: int | None = None,
+        router_layer_reduction: str = "mean",
     ) -> MLLMStudent:
         """Replace the dense LM by its sparse-upcycled Qwen2-MoE (see :func:`mmkd.models.upcycle_to_moe`)."""
         hf = self.hf
@@ -167,7 +155,8 @@ class MLLMStudent(ImageTextModel):
         dense.get_decoder().load_state_dict(hf.model.language_model.state_dict())
         dense.get_output_embeddings().load_state_dict(hf.lm_head.state_dict())
         dense.generation_config = hf.generation_config
-        moe = _upcycle_lm(dense, num_experts, top_k, every, router_aux_loss_coef, z_loss_coef)
+        moe = upcycle_causal_lm(dense, num_experts, top_k, every, router_aux_loss_coef, z_loss_coef,
+                                first_moe_layer=first_moe_layer, router_layer_reduction=router_layer_reduction)
         config = hf.config
         config.text_config = moe.config
         with quiet_empty_init():
@@ -185,15 +174,3 @@ class MLLMStudent(ImageTextModel):
             self, new, self.processor, dtype=self.compute_dtype, gradient_checkpointing=checkpointing
         )
         return self
-
-
-def load_processor(folder: str) -> Any:
-    """The processor of a saved student or teacher folder."""
-    return load_or_explain(
-        lambda: AutoProcessor.from_pretrained(folder),
-        folder,
-        key="processor",
-        what="processor",
-        needs=("tokenizer_config.json",),
-        weights=False,
-    )

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from conftest import SQA_REFERENCE, SQA_SAMPLE, write_image, write_json
@@ -15,6 +16,23 @@ def test_render_format_by_hand() -> None:
     assert render_sqa_prompt(problem) == f"<image>\nContext: Look.\nWhich is red?\nA. apple\nB. sky\n{SQA_INSTRUCTION}"
     problem.update(hint="", image=None, choices=["a", "b", "c", "d", "e"])
     assert render_sqa_prompt(problem) == f"Which is red?\nA. a\nB. b\nC. c\nD. d\nE. e\n{SQA_INSTRUCTION}"
+
+
+def test_render_matches_the_vendored_llava_prompts_on_every_checkout() -> None:
+    """LLaVA-1.5's published prompts of the 50 sample problems, their text replaced by placeholders
+    (tests/data/fixtures/make_prompt_fixture.py): the formatting rules, checked without the licensed data."""
+    fixture = json.loads((Path(__file__).parent / "fixtures" / "llava_prompts.json").read_text())
+    cases = fixture["cases"]
+    assert len(cases) == 50
+    kinds = set()
+    for case in cases:
+        p = case["problem"]
+        rendered = render_sqa_prompt(p)
+        assert rendered == case["published_prompt"], case["pid"]
+        assert rendered == case["question_file_prompt"] + "\n" + SQA_INSTRUCTION, case["pid"]
+        kinds.add((bool(p["hint"].strip()), bool(p["image"]), len(p["choices"])))
+    assert {h for h, _, _ in kinds} == {True, False} and {i for _, i, _ in kinds} == {True, False}
+    assert {n for _, _, n in kinds} >= {2, 3, 4, 5}
 
 
 @needs_sample

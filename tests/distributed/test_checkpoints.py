@@ -6,7 +6,7 @@ import pytest
 import torch
 from dist_helpers import STEPS, fit, manifest, student
 
-from mmkd.modules.checkpoints import load_stage_checkpoint, load_student_state
+from mmkd.train.checkpoints import load_stage_checkpoint, load_student_state
 
 
 def _model_states(ckpt):
@@ -56,12 +56,12 @@ def test_zero3_resumes_after_sigkill(zero3_run, tiny_assets, zero_config, tmp_pa
 def test_load_stage_checkpoint_rebuilds_frozen_parts_from_init_from(zero3_run):
     """What `mmkd export` of an unfinished DeepSpeed stage needs: checkpoint (trained parts) + init_from (frozen)."""
     from mmkd.models import MLLMStudent
-    from mmkd.recipe import load_recipe
-    from mmkd.runner import Runner
+    from mmkd.train.recipe import load_recipe
+    from mmkd.train.runner import Runner
 
     recipe = load_recipe(zero3_run / "recipe.yaml", ["--run_dir", str(zero3_run)])
     ckpt = zero3_run / manifest(zero3_run)["stages"]["distill"]["checkpoint"]
-    rebuilt = load_stage_checkpoint(Runner(recipe).build_student("distill"), ckpt, recipe.stage("distill")["train"])
+    rebuilt = load_stage_checkpoint(Runner(recipe).build_student("distill"), ckpt, recipe.stage("distill").train)
     final = MLLMStudent.from_pretrained(str(zero3_run / "stages" / "distill" / "student")).state_dict()
     ours = rebuilt.state_dict()
     assert ours.keys() == final.keys()

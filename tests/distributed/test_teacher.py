@@ -10,8 +10,8 @@ from dist_helpers import ROOT, run_env
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
-from mmkd.modules.strategies import MMKDDeepSpeedStrategy
-from mmkd.modules.teacher import is_partitioned, is_quantized, place_teacher
+from mmkd.train.strategies import MMKDDeepSpeedStrategy
+from mmkd.train.teachers import is_partitioned, is_quantized, place_teacher
 
 
 def test_replica_under_ddp_and_for_quantized_teachers():

@@ -4,7 +4,8 @@ The data is two conversations, one with an image and one text-only, with a globa
 of 1: with two processes every step gives one rank the image sample and the other the text-only one, whatever
 the shuffle. Under ZeRO-3 (every parameter partitioned) this used to hang: the text-only rank called the vision
 modules in another order than the image rank, so their parameter gathers paired up wrongly. The last case uses a
-tiny LLaVA-OneVision teacher (any-resolution, the paper recipes' family), partitioned too, with MDist and RDist.
+tiny LLaVA-OneVision teacher (any-resolution, the paper recipes' family), partitioned too, with MDist and RDist; and
+one a tiny Qwen2.5-VL teacher and student (dynamic visual-token counts, ``image_grid_thw``), both partitioned.
 """
 
 import json
@@ -43,6 +44,20 @@ def onevision(tiny_assets, tmp_path_factory) -> list[str]:
     return ["--teacher", json.dumps(teacher), "--stages.distill.objectives", json.dumps(objectives)]
 
 
+@pytest.fixture(scope="module")
+def qwen(tiny_assets, tmp_path_factory) -> list[str]:
+    """Overrides for a tiny Qwen2.5-VL teacher and student (dynamic counts, image_grid_thw) with MDist/RDist."""
+    from mmkd.models.presets import build_tiny
+
+    root = tmp_path_factory.mktemp("qwen")
+    models = {kind: {"class_path": "mmkd.models.LlavaModel", "init_args": {"path": str(build_tiny(
+        f"qwen-vl-{kind}", str(root / kind), tokenizer=tiny_assets["tokenizer"], seed=i))}}
+        for i, kind in enumerate(("teacher", "student"))}
+    objectives = {"lm": 1.0, "kl": 1.0, "mdist": 1.0, "rdist": 1.0}
+    return ["--teacher", json.dumps(models["teacher"]), "--student", json.dumps(models["student"]),
+            "--stages.distill.objectives", json.dumps(objectives)]
+
+
 def _run(tmp_path_factory, name, tiny_assets, mixed_data, devices, strategy, zero_config=None, extra=()):
     run = tmp_path_factory.mktemp(name) / "run"
     try:
@@ -60,15 +75,23 @@ def mixed_single(tmp_path_factory, tiny_assets, mixed_data):
     return _run(tmp_path_factory, "mixed-single", tiny_assets, mixed_data, 1, "auto")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_3+onevision"])
+# ZeRO-3 (the strictest: every module of every rank in the same order) runs by default; the other strategies and
+# families are the slow job's (CI runs them all).
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=SLOW), pytest.param("deepspeed_stage_2", marks=SLOW),
+                                      "deepspeed_stage_3", pytest.param("deepspeed_stage_3+onevision", marks=SLOW),
+                                      pytest.param("deepspeed_stage_3+qwen", marks=SLOW)])
 def test_a_text_only_rank_runs_and_matches_one_process(strategy, mixed_single, tmp_path_factory, tiny_assets,
-                                                       mixed_data, zero_config, onevision):
+                                                       mixed_data, zero_config, onevision, qwen):
     strategy, _, teacher = strategy.partition("+")
     config = None if strategy == "ddp" else zero_config
-    extra = onevision if teacher else ()
+    extra = {"": (), "onevision": onevision, "qwen": qwen}[teacher]
     run = _run(tmp_path_factory, f"mixed-{strategy}{teacher}", tiny_assets, mixed_data, 2, strategy, config, extra)
-    if teacher:  # the single-process reference with the same teacher and objectives
-        mixed_single = _run(tmp_path_factory, "mixed-single-ov", tiny_assets, mixed_data, 1, "auto", None, extra)
+    if teacher:  # the single-process reference with the same models and objectives
+        mixed_single = _run(tmp_path_factory, f"mixed-single-{teacher}", tiny_assets, mixed_data, 1, "auto", None,
+                            extra)
     ours, ref = student(run), student(mixed_single)
     assert ours.keys() == ref.keys()
     # The same two samples per step, one per rank against both accumulated in one process.
@@ -91,7 +114,7 @@ def dropped_data(tiny_assets, tmp_path_factory) -> str:
     return _two_samples(tiny_assets, tmp_path_factory.mktemp("dropped"), too_long)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_3"])
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=SLOW), "deepspeed_stage_3"])
 def test_a_rank_whose_micro_batch_is_all_dropped_still_steps(strategy, tmp_path_factory, tiny_assets, dropped_data,
                                                              zero_config):
     """Every step, one rank's only sample is too long: its collator gives the stand-in, weighted by 0, so the ranks

@@ -23,8 +23,6 @@ class TeacherCheck(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx:
             return
-        from mmkd.modules.distill import _split_inputs
-
         teacher = pl_module.teacher
         params = dict(teacher.named_parameters())
         report = {
@@ -36,8 +34,9 @@ class TeacherCheck(L.Callback):
             "teacher_trainable": any(p.requires_grad for p in params.values()),
         }
         with torch.no_grad():
-            ours = pl_module.teacher_forward(batch).last_hidden
-            theirs = self.replica(**_split_inputs(batch, "teacher_")).last_hidden
+            inputs = batch.teacher_side()[0].kwargs()
+            ours = teacher(**inputs).last_hidden
+            theirs = self.replica(**inputs).last_hidden
         report["forward_max_diff"] = float((ours - theirs).abs().max())
         self.report = report
 
@@ -55,9 +54,10 @@ class TeacherCheck(L.Callback):
 
 
 def main(out: Path, data_root: str) -> None:
-    from mmkd.modules.builders import build_stage
-    from mmkd.recipe import instantiate, load_recipe
-    from mmkd.runner import Runner
+    from mmkd.train.recipe import load_recipe
+    from mmkd.train.rundir import RunDir
+    from mmkd.train.runner import Runner
+    from mmkd.train.stage import build_stage
 
     data = {"class_path": "mmkd.data.CaptionPairs", "init_args": {
         "json_path": f"{data_root}/sqa/captions.json", "image_folder": f"{data_root}/sqa/images"}}
@@ -66,11 +66,11 @@ def main(out: Path, data_root: str) -> None:
         "--trainer.strategy", "deepspeed_stage_3", "--trainer.max_steps", "1", "--trainer.enable_progress_bar",
         "false", "--stages.distill.data", json.dumps(data), "--stages.distill.micro_batch_size", "1"])
     runner = Runner(recipe, echo=lambda _: None)
-    teacher = runner.teacher()
+    teacher = runner.teachers.get()
     loaded = {n: p.detach().clone() for n, p in teacher.named_parameters()}  # what from_pretrained loaded
-    replica = instantiate(recipe.config["teacher"]).eval()
-    trainer, module, datamodule = build_stage(recipe, "distill", runner.build_student("distill"), teacher,
-                                              out / "stage", on_saved=lambda *_: None, echo=lambda _: None)
+    replica = recipe.teacher.build().eval()
+    trainer, module, datamodule = build_stage(recipe.stage("distill"), runner.build_student("distill"), teacher,
+                                              RunDir(out / "stage"), on_saved=lambda *_: None, echo=lambda _: None)
     trainer.callbacks.append(TeacherCheck(loaded, replica, out))
     trainer.fit(module, datamodule=datamodule)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mmkd.eval.commands import parse_data_spec, resolve_model, score_command
+from mmkd.eval.commands import parse_data_spec, score_command
 
 
 def write_answers(path: Path, texts: dict[str, str]) -> Path:
@@ -44,7 +44,7 @@ def test_score_command_counts_right_wrong_failed_missing(tmp_path: Path, write_s
     assert cats["G1-6"] == {"accuracy": 50.0, "correct": 2, "count": 4}
     assert cats["G7-12"] == {"accuracy": 0.0, "correct": 0, "count": 2}
     assert set(report) == {"accuracy", "correct", "count", "failed_parses", "missing", "invalid_letters",
-                           "categories"}
+                           "categories", "exact_match"}
 
 
 def test_score_command_with_a_question_file(tmp_path: Path) -> None:
@@ -101,19 +101,3 @@ def test_user_errors_are_one_line(tmp_path: Path, write_sqa: Callable[[Path], Pa
     assert parse_data_spec("llava:a/q.json") == ("llava", Path("a/q.json"), None)
 
 
-def test_resolve_model(tmp_path: Path) -> None:
-    run = tmp_path / "runs" / "demo"
-    for stage in ("sft", "dft"):
-        (run / "stages" / stage / "student").mkdir(parents=True)
-        (run / "stages" / stage / "student" / "config.json").write_text("{}")
-    manifest = {"stages": {"sft": {"status": "done", "student": "stages/sft/student"}, "dft": {"status": "running"}}}
-    (run / "manifest.json").write_text(json.dumps(manifest))
-    assert resolve_model(str(run)) == (run / "stages/sft/student", "demo/sft", run)
-    with pytest.raises(ValueError, match="--stage dft: the stage is running, expected done"):
-        resolve_model(str(run), "dft")
-    with pytest.raises(ValueError, match="--stage nope"):
-        resolve_model(str(run), "nope")
-    folder = run / "stages" / "dft" / "student"
-    assert resolve_model(str(folder)) == (folder, "student", None)
-    with pytest.raises(FileNotFoundError, match="expected a run directory"):
-        resolve_model(str(tmp_path))

@@ -11,10 +11,11 @@ from PIL import Image
 from mmkd.data.collate import MultimodalCollator
 from mmkd.data.scienceqa import ScienceQA
 from mmkd.data.tokenizer import build_tokenizer
-from mmkd.eval.commands import evaluate_command, score_command
+from mmkd.eval.commands import score_command
 from mmkd.eval.loop import letter_token_ids
 from mmkd.models import LlavaModel
 from mmkd.models.presets import build_tiny
+from mmkd.train.evaluate import evaluate_command
 
 
 def _memorise(folder: Path, root: Path, out: Path, steps: int = 30) -> None:
@@ -24,9 +25,9 @@ def _memorise(folder: Path, root: Path, out: Path, steps: int = 30) -> None:
     batch = MultimodalCollator.for_models(model, train=True)([dataset[i] for i in range(len(dataset))])
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     for _ in range(steps):
-        output = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"))
+        output = model(**batch.inputs.kwargs())
         logits = output.logits()[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten())
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels[:, 1:].flatten())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -107,7 +108,7 @@ def test_likelihood_picks_the_most_likely_letter(
         # Unbatched, unpadded reference: log-softmax at the last prompt position, over this question's letters.
         batch = collator([dataset[i]])
         with torch.no_grad():
-            out_i = model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"))
+            out_i = model(**batch.inputs.kwargs())
         logprobs = torch.log_softmax(out_i.logits(out_i.last_hidden[:, -1]), dim=-1)[0, letter_ids]
         n = len(sqa_problems[line["question_id"]]["choices"])
         assert line["text"] == "ABCDE"[int(logprobs[:n].argmax())]

@@ -8,7 +8,6 @@ from PIL import Image
 
 from mmkd.data import MultimodalCollator
 from mmkd.models import LlavaModel, MLLMStudent
-from mmkd.modules.distill import DistillModule, _split_inputs
 
 SIZES = [(32, 32), (64, 32), (90, 50), (40, 64)]  # (width, height)
 
@@ -35,7 +34,7 @@ def test_counts_follow_the_processor_and_depend_on_the_image(onevision: LlavaMod
     assert set(onevision.image_inputs([_image(SIZES[0], 0)])) >= {"pixel_values", "image_sizes"}
 
 
-def test_distillation_batch_with_an_any_resolution_teacher(onevision: LlavaModel, tiny_dirs) -> None:
+def test_distillation_batch_with_an_any_resolution_teacher(onevision: LlavaModel, tiny_dirs, make_module) -> None:
     student = MLLMStudent.from_pretrained(tiny_dirs["mllm-student"])
     records = [
         {"id": f"r{i}", "images": [_image(size, i)],
@@ -46,18 +45,19 @@ def test_distillation_batch_with_an_any_resolution_teacher(onevision: LlavaModel
     records.append({"id": "text", "messages": [{"role": "user", "content": "Say yes."},
                                                {"role": "assistant", "content": "yes"}]})
     batch = MultimodalCollator.for_models(student, onevision, max_length=400)(records)
-    assert batch["teacher_image_sizes"].tolist() == [[h, w] for w, h in SIZES]
-    visual = (batch["teacher_input_ids"] == onevision.image_token_id).sum(1).tolist()
+    teacher_inputs = batch.teacher_inputs
+    assert teacher_inputs.images["image_sizes"].tolist() == [[h, w] for w, h in SIZES]
+    visual = (teacher_inputs.input_ids == onevision.image_token_id).sum(1).tolist()
     assert visual == [onevision.image_token_count(r["images"][0]) for r in records[:-1]] + [0]
-    assert (batch["input_ids"] == student.image_token_id).sum(1).tolist() == [16] * len(SIZES) + [0]
+    assert (batch.inputs.input_ids == student.image_token_id).sum(1).tolist() == [16] * len(SIZES) + [0]
     # the same answer tokens on both sides
-    for s_labels, t_labels in zip(batch["labels"], batch["teacher_labels"]):
+    for s_labels, t_labels in zip(batch.labels, batch.teacher_labels):
         assert s_labels[s_labels != -100].tolist() == t_labels[t_labels != -100].tolist()
     # transformers checks that the image tokens match the image features: the teacher's forward is the test
-    out = onevision(**_split_inputs(batch, "teacher_"))
+    out = onevision(**teacher_inputs.kwargs())
     assert out.visual_mask.sum(1).tolist() == visual
-    module = DistillModule(student, onevision, {"lm": 1.0, "kl": 1.0, "mdist": 1.0, "rdist": 1.0},
-                           train_parts=["projector", "language_model"], total_steps=1)
+    module = make_module(student, onevision, {"lm": 1.0, "kl": 1.0, "mdist": 1.0, "rdist": 1.0},
+                         train_parts=["projector", "language_model"], total_steps=1)
     terms = module.compute_losses(batch)
     assert all(torch.isfinite(v) for v in terms.values()) and float(terms["rdist"]) > 0
     terms["loss"].backward()

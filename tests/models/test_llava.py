@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mmkd.contract import ModelInputs
 from mmkd.models import LlavaModel, ModelOutput
 
 
@@ -45,9 +46,9 @@ def test_image_attributes_and_preprocessing(teacher: LlavaModel) -> None:
 
 def test_generate_is_greedy_and_returns_new_tokens(teacher: LlavaModel, batch) -> None:
     one = {k: v[:1] for k, v in batch.items()}
-    one = {**one, "labels": torch.zeros_like(one["input_ids"])}  # training keys are ignored
-    a = teacher.generate(**one, max_new_tokens=5)
-    b = teacher.generate(**one, max_new_tokens=5)
+    inputs = ModelInputs(one["input_ids"], one["attention_mask"], {"pixel_values": one["pixel_values"]})
+    a = teacher.generate(inputs, max_new_tokens=5)
+    b = teacher.generate(inputs, max_new_tokens=5)
     assert a.shape == (1, 5) and torch.equal(a, b)
     # Greedy: the first new token is the argmax of the last position's logits.
     last = int(one["attention_mask"].sum()) - 1

@@ -37,9 +37,9 @@ def test_parts_by_name_cover_every_parameter_once(student: MLLMStudent) -> None:
 
 
 def test_build_from_parts_and_round_trip(tmp_path, tokenizer_dir, batch) -> None:
-    from mmkd.models.presets import _SIZES, _write_parts
+    from mmkd.models.presets import PRESET_SIZES, write_vision_and_lm
 
-    vision, lm = _write_parts(tmp_path / "parts", tokenizer_dir, dict(_SIZES["mllm-student"]))
+    vision, lm = write_vision_and_lm(tmp_path / "parts", tokenizer_dir, dict(PRESET_SIZES["mllm-student"]))
     s = MLLMStudent(vision, lm, tokenizer=tokenizer_dir, gradient_checkpointing=True, attn_implementation="eager")
     assert s.hf.config.vision_feature_select_strategy == "default" and s.hf.config.vision_feature_layer == -2
     assert s.hf.config.text_config._attn_implementation == "eager"
@@ -63,14 +63,14 @@ def test_tokenizer_without_image_token_gets_one(tmp_path, batch) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from mmkd.models.presets import _SIZES, _write_parts
+    from mmkd.models.presets import PRESET_SIZES, write_vision_and_lm
 
     # A plain LM tokenizer: no <image>, no pad token, no chat template.
     words = ["<unk>", "</s>", "describe", "the", "image", "."]
     raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", unk_token="<unk>").save_pretrained(tmp_path / "t")
-    vision, lm = _write_parts(tmp_path / "parts", str(tmp_path / "t"), dict(_SIZES["mllm-student"]))
+    vision, lm = write_vision_and_lm(tmp_path / "parts", str(tmp_path / "t"), dict(PRESET_SIZES["mllm-student"]))
     s = MLLMStudent(vision, lm, tokenizer=str(tmp_path / "t"))
     assert s.image_token_id == len(words) == s.tokenizer.convert_tokens_to_ids("<image>")
     assert s.hf.get_input_embeddings().num_embeddings == len(s.tokenizer) == len(words) + 1
@@ -88,9 +88,9 @@ def test_open_clip_tower_converts_one_to_one(tiny_dirs, tokenizer_dir, tmp_path,
     with torch.no_grad():
         pooled = hf(pixel_values=images).pooler_output @ visual.proj
         torch.testing.assert_close(pooled, visual(images), rtol=1e-5, atol=1e-5)
-    from mmkd.models.presets import _SIZES, _write_parts
+    from mmkd.models.presets import PRESET_SIZES, write_vision_and_lm
 
-    _, lm = _write_parts(tmp_path / "parts", tokenizer_dir, dict(_SIZES["mllm-student"]))
+    _, lm = write_vision_and_lm(tmp_path / "parts", tokenizer_dir, dict(PRESET_SIZES["mllm-student"]))
     s = MLLMStudent(f"open_clip:{tiny_dirs['clip-student']}", lm, tokenizer=tokenizer_dir)
     assert s.num_image_tokens == 16
     assert s(**batch).vision_features.shape == (2, 16, 64)

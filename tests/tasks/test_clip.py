@@ -1,12 +1,10 @@
-"""CLIPDistillModule: the teacher's similarities reach the student; the teacher gets no gradient."""
+"""The CLIP task: the teacher's similarities reach the student; the teacher gets no gradient."""
 
 import copy
 import math
 
-from mmkd.modules.clip import CLIPDistillModule
 
-
-def test_clip_distillation_step(tmp_path):
+def test_clip_distillation_step(tmp_path, make_module):
     from mmkd.data import CaptionPairs
     from mmkd.data.clip import CLIPCollator
     from mmkd.data.synth import synth_sqa
@@ -18,10 +16,9 @@ def test_clip_distillation_step(tmp_path):
     student = CLIPModel(str(build_tiny("clip-student", str(tmp_path / "s"), tokenizer="", seed=1)))
     data = CaptionPairs(tmp_path / "sqa" / "captions.json", tmp_path / "sqa" / "images")
     batch = CLIPCollator.for_models(student, teacher)([data[i] for i in range(6)])
-    assert batch["images"].shape[0] == 6 and batch["text"].shape[0] == 6
-    module = CLIPDistillModule(student, teacher, {"clip_kd": 1.0},
-                               objective_args={"clip_kd": {"kd_weight": 1.0, "embedding_weight": 1.0}},
-                               train_parts=["vision_tower", "text_tower", "logit_scale"])
+    assert batch.images.shape[0] == 6 and batch.text.shape[0] == 6
+    module = make_module(student, teacher, {"clip_kd": 1.0}, {"clip_kd": {"kd_weight": 1.0, "embedding_weight": 1.0}},
+                         task="clip", train_parts=["vision_tower", "text_tower", "logit_scale"])
     terms = module.compute_losses(batch)
     assert terms["clip_kd"] > 0
     assert set(terms) >= {"clip_kd", "clip_similarity", "clip_contrastive", "clip_embedding", "loss"}
@@ -29,14 +26,14 @@ def test_clip_distillation_step(tmp_path):
     assert all(p.grad is None for p in teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parts()["vision_tower"])
     # a student identical to its teacher has nothing left to learn from the similarity term
-    same = CLIPDistillModule(copy.deepcopy(teacher), teacher, {"clip_kd": 1.0},
-                             objective_args={"clip_kd": {"kd_weight": 1.0, "contrastive_weight": 0.0}},
-                             train_parts=["vision_tower"])
+    same = make_module(copy.deepcopy(teacher), teacher, {"clip_kd": 1.0},
+                       {"clip_kd": {"kd_weight": 1.0, "contrastive_weight": 0.0}}, task="clip",
+                       train_parts=["vision_tower"])
     terms = same.compute_losses(batch)
     assert float(terms["clip_similarity"]) < 1e-6 and float(terms["clip_kd"]) < 1e-6
 
 
-def test_unreadable_records_give_a_zero_weight_stand_in(tmp_path):
+def test_unreadable_records_give_a_zero_weight_stand_in(tmp_path, make_module):
     """A micro-batch of unreadable records still runs student and teacher (multi-rank runs need every rank's step)."""
     from mmkd.data.clip import CLIPCollator
     from mmkd.models import CLIPModel
@@ -45,9 +42,9 @@ def test_unreadable_records_give_a_zero_weight_stand_in(tmp_path):
     teacher = CLIPModel(str(build_tiny("clip-teacher", str(tmp_path / "t"), tokenizer="", seed=0)))
     student = CLIPModel(str(build_tiny("clip-student", str(tmp_path / "s"), tokenizer="", seed=1)))
     batch = CLIPCollator.for_models(student, teacher)([None, None])
-    assert batch["standin"] and batch["data_stats"] == {"samples": 0, "bad": 2}
-    assert batch["images"].shape[0] == 1 and batch["teacher_images"].shape[0] == 1
-    module = CLIPDistillModule(student, teacher, {"clip_kd": 1.0}, train_parts=["vision_tower"])
+    assert batch.standin and batch.data_stats == {"samples": 0, "bad": 2}
+    assert batch.images.shape[0] == 1 and batch.teacher_images.shape[0] == 1
+    module = make_module(student, teacher, {"clip_kd": 1.0}, task="clip", train_parts=["vision_tower"])
     terms = module.compute_losses(batch)
     assert all(math.isfinite(float(v)) for v in terms.values())
     (terms["loss"] * 0.0).backward()

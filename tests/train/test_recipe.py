@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmkd.recipe import RecipeError, load_recipe
+from mmkd.train.recipe import RecipeError, load_recipe
 
 BASE = {
     "run_dir": "RUN",
@@ -60,7 +60,7 @@ def test_loads_with_defaults_and_order(tmp_path):
     assert r.config["stages"]["sft"]["optimizer"]["lr"] == 2e-5
     assert r.config["stages"]["dpt"]["optimizer"]["lr"] == 1e-4  # default
     assert r.config["stages"]["dpt"]["data"]["init_args"]["root"] == "/data/base/sqa"
-    assert r.micro_batch("sft") == (8, 1)
+    assert (r.stage("sft").micro_batch_size, r.stage("sft").accumulate) == (8, 1)
 
 
 def test_stage_override_reaches_only_that_stage(tmp_path):
@@ -80,7 +80,7 @@ def test_shared_value_override_reaches_every_stage(tmp_path):
 
 def test_accumulation_from_global_batch(tmp_path):
     r = load_recipe(write(tmp_path, variant(stages__sft__micro_batch_size=2)), ["--trainer.devices", "2"])
-    assert r.micro_batch("sft") == (2, 2)
+    assert (r.stage("sft").micro_batch_size, r.stage("sft").accumulate) == (2, 2)
 
 
 @pytest.mark.parametrize(
@@ -92,7 +92,8 @@ def test_accumulation_from_global_batch(tmp_path):
         (variant(stages__dpt__data={"class_path": "mmkd.data.ScienceQA", "init_args": {"root": "x", "nope": 1}}),
          [], "stages.dpt.data.init_args.nope: unknown key"),
         (variant(stages__sft__batch_size="many"), [], "stages.sft.batch_size: expected an integer, got 'many'"),
-        (variant(stages__sft__kind="magic"), [], "stages.sft.kind: expected one of distill, preference, clip"),
+        (variant(stages__sft__task="magic"), [], "stages.sft.task: unknown task 'magic' (expected one of distill, "
+                                                 "preference, clip"),
         (variant(run_dir=...), [], "run_dir: required value missing"),
         (variant(student=...), [], "student: required value missing"),
         (variant(stages__dpt__train=[]), [], "stages.dpt.train: the stage trains nothing"),
@@ -104,8 +105,30 @@ def test_accumulation_from_global_batch(tmp_path):
         (variant(stages__sft__init_from="sft"), [], "stages.sft.init_from: stage 'sft' does not run before 'sft'"),
         (variant(colour="blue", extra={"a": 1}), [], "extra: unknown key"),
         (BASE, ["--nonsense", "1"], "nonsense: unknown key"),
-        (variant(stages__sft__objectives={"dpo": 1.0}), [], "stages.sft.objectives.dpo: needs kind: preference"),
-        (variant(stages__sft__kind="clip"), [], "stages.sft.objectives: a clip stage needs the objective clip_kd"),
+        (variant(stages__sft__objectives={"dpo": 1.0}), [],
+         "stages.sft.objectives.dpo: a preference objective; the distill task computes tokens objectives (tasks that "
+         "compute it: preference)"),
+        (variant(stages__sft__task="clip"), [], "stages.sft.objectives.lm: a tokens objective; the clip task"),
+        (variant(stages__sft__task="preference"), [],
+         "stages.sft.objectives: a preference stage needs exactly one preference objective (dpo), got 0"),
+        (variant(stages__dpt__objective_args={"mdist": {"temprature": 2.0}}), [],
+         "stages.dpt.objective_args.mdist.temprature: unknown argument (expected one of response_weight, "),
+        (variant(stages__sft__objective_args={"lm": {"x": 1}}), [], "stages.sft.objective_args.lm.x: unknown argument"),
+        (variant(stages__dpt__objective_args={"rdist": {"on": "pixels"}}), [],
+         "stages.dpt.objective_args.rdist.on: expected one of logits, hidden, got 'pixels'"),
+        (variant(stages__sft__task_args={"on_overflow": 3}), [], "stages.sft.task_args.on_overflow: expected one of"),
+        (variant(stages__sft__task_args={"overflow": "skip"}), [], "stages.sft.task_args.overflow: unknown argument"),
+        (BASE, ["--trainer.strategy", "dpp"], "trainer.strategy: unknown strategy 'dpp'"),
+        (BASE, ["--stages.sft.trainer.strategy", "zero9"], "stages.sft.trainer.strategy: unknown strategy 'zero9'"),
+        (BASE, ["--trainer.precision", "bf17"], "trainer.precision: expected one of"),
+        (BASE, ["--trainer.accelerator", "abacus"], "trainer.accelerator: unknown accelerator 'abacus'"),
+        (BASE, ["--stages.sft.optimizer.name", "adamm"], "stages.sft.optimizer.name: expected adamw, adam, sgd or"),
+        (BASE, ["--stages.sft.optimizer.name", "torch.optim.RMSprop",
+                "--stages.sft.optimizer.args", '{"momentom": 0.9}'],
+         "stages.sft.optimizer.args.momentom: unknown argument"),
+        (BASE, ["--stages.sft.schedule.name", "cosin"], "stages.sft.schedule.name: expected one of"),
+        (BASE, ["--trainer.logger", '{"class_path": "collections.OrderedDict"}'],
+         "trainer.logger.class_path: collections.OrderedDict is not a Lightning logger"),
     ],
 )
 def test_bad_recipes_are_one_line_errors(tmp_path, recipe, overrides, message):
@@ -114,6 +137,44 @@ def test_bad_recipes_are_one_line_errors(tmp_path, recipe, overrides, message):
     text = str(err.value)
     assert "\n" not in text
     assert message in text, text
+
+
+def test_execution_keys_come_from_the_schema():
+    from mmkd.train.recipe import EXECUTION_KEYS
+
+    assert "stages.*.micro_batch_size" in EXECUTION_KEYS and "trainer.strategy" in EXECUTION_KEYS
+    assert "stages.*.trainer.devices" in EXECUTION_KEYS and "run_dir" in EXECUTION_KEYS
+    for identity in ("trainer.precision", "trainer.max_steps", "stages.*.optimizer.lr", "stages.*.batch_size"):
+        assert identity not in EXECUTION_KEYS
+
+
+def test_precision_values_are_lightnings():
+    import typing
+
+    from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+
+    from mmkd.train.recipe.schema import PRECISIONS
+
+    lightning = set(typing.get_args(_PRECISION_INPUT_STR)) | set(typing.get_args(_PRECISION_INPUT_STR_ALIAS))
+    assert set(PRECISIONS) == lightning
+
+
+def test_stages_resolve_to_frozen_specs(tmp_path):
+    import dataclasses
+
+    r = load_recipe(write(tmp_path, variant(stages__dpt__objective_args={"mdist": {"temperature": 2.0}})),
+                    ["--stages.sft.optimizer.name", "torch.optim.RMSprop", "--stages.sft.optimizer.args",
+                     '{"momentum": 0.5}', "--trainer.devices", "2"])
+    dpt, sft = r.stage("dpt"), r.stage("sft")
+    assert (dpt.index, dpt.init_from, sft.init_from) == (0, "recipe", "dpt")
+    assert dpt.needs_teacher and not sft.needs_teacher
+    assert [(o.name, o.weight, o.args) for o in dpt.objectives] == [("mdist", 1.0, {"temperature": 2.0}),
+                                                                   ("rdist", 1.0, {})]
+    assert sft.optimizer.name == "torch.optim.RMSprop" and sft.optimizer.args == {"momentum": 0.5}
+    assert (sft.world_size, sft.micro_batch_size, sft.accumulate) == (2, 4, 1)
+    assert sft.trainer.devices == 2 and sft.trainer.precision == "32-true"  # merged with the defaults
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sft.batch_size = 3
 
 
 def test_duplicate_stage_names_are_refused(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "debug.yaml"
 
 
@@ -150,3 +150,43 @@ def test_recipe_changes_on_resume(reference, tiny_assets, tmp_path):
     assert "stage distill: done, skipped" in restarted.stdout
     assert list((run / "archive").glob("*/sft"))  # the old stage was kept, not deleted
     assert manifest(run)["stages"]["sft"]["status"] == "done"
+
+
+def test_a_bad_name_against_a_finished_run_changes_nothing(reference, tiny_assets, tmp_path):
+    """An invalid strategy used to pass against a finished run (nothing left to run) and rewrite the manifest."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = {p.name: p.read_bytes() for p in (run / "manifest.json", run / "recipe.yaml")}
+    proc = fit(run, tiny_assets, "--trainer.strategy", "dpp")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "trainer.strategy: unknown strategy 'dpp'" in proc.stderr
+    assert {p.name: p.read_bytes() for p in (run / "manifest.json", run / "recipe.yaml")} == before
+
+
+@pytest.fixture(scope="module")
+def llava_student(tiny_assets, tmp_path_factory) -> str:
+    """A plain transformers LLaVA folder (what `mmkd export` writes), to train as `mmkd.models.LlavaModel`."""
+    from mmkd.models.presets import build_tiny
+
+    out = tmp_path_factory.mktemp("llava-student") / "student"
+    return str(build_tiny("mllm-student", str(out), tokenizer=tiny_assets["tokenizer"], seed=5))
+
+
+@pytest.mark.slow  # a LlavaModel student across stages: tests/models/test_qwen_vl.py (DPT/SFT/DFT); kill: above
+def test_a_llava_model_student_runs_two_stages_and_resumes_after_a_kill(tiny_assets, llava_student, tmp_path):
+    """Any LLaVA-class model can be the student: the runner reloads it between stages with its own class."""
+    student = ("--student", json.dumps({"class_path": "mmkd.models.LlavaModel", "init_args": {"path": llava_student}}))
+    ref = fit(tmp_path / "ref", tiny_assets, *student)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert [s["status"] for s in manifest(tmp_path / "ref")["stages"].values()] == ["done", "done"]
+    run = tmp_path / "run"
+    killed = fit(run, tiny_assets, *student, fault="kill:sft:3")
+    assert killed.returncode == -signal.SIGKILL
+    resumed = fit(run, tiny_assets, *student)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stage sft: resuming from step-00000002.ckpt" in resumed.stdout
+    assert_same_weights(student_tensors(run), student_tensors(tmp_path / "ref"))
+    config = json.loads((run / "stages" / "sft" / "student" / "config.json").read_text())
+    assert config["model_type"] == "llava"

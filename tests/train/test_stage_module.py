@@ -1,4 +1,5 @@
-"""DistillModule: frozen teacher, trainable parts, optimizer groups, schedule, checkpoints without the teacher."""
+"""StageModule (with the distillation task): frozen teacher, trainable parts, optimizer groups, schedule, checkpoints
+without the teacher, global-batch means, the stand-in batch."""
 
 import copy
 import math
@@ -9,18 +10,22 @@ import numpy as np
 import pytest
 import torch
 
-from mmkd.modules.distill import DistillModule, build_optimizer, rng_state, set_rng_state, warmup_schedule
+from mmkd.objectives import ForwardKLObjective
+from mmkd.tasks import DistillTask
+from mmkd.train.optim import build_optimizer, warmup_schedule
+from mmkd.train.recipe import OptimizerConfig
+from mmkd.train.stage_module import StageModule, rng_state, set_rng_state
 
 
 def _loader(batch, n):
     return torch.utils.data.DataLoader([batch] * n, batch_size=None)
 
 
-def test_teacher_frozen_through_training_and_validation(models, sqa_batch, tmp_path):
+def test_teacher_frozen_through_training_and_validation(models, sqa_batch, tmp_path, make_module):
     teacher, student = (copy.deepcopy(m) for m in models)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    module = DistillModule(student, teacher, {"lm": 1.0, "kl": 1.0, "mdist": 0.5},
-                           train_parts=["projector", "language_model"], total_steps=3)
+    module = make_module(student, teacher, {"lm": 1.0, "kl": 1.0, "mdist": 0.5},
+                         train_parts=["projector", "language_model"], total_steps=3)
     assert not any(name.startswith("teacher") for name, _ in module.named_parameters())
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, val_check_interval=2,
@@ -44,11 +49,11 @@ def test_teacher_frozen_through_training_and_validation(models, sqa_batch, tmp_p
     assert "mmkd_rng" in state
 
 
-def test_trainable_parts_and_parameter_groups(models):
+def test_trainable_parts_and_parameter_groups(models, make_module):
     teacher, student = (copy.deepcopy(m) for m in models)
-    module = DistillModule(student, teacher, {"lm": 1.0}, train_parts=["projector"],
-                           optimizer={"name": "adamw", "lr": 1e-4, "weight_decay": 0.1, "betas": (0.9, 0.99),
-                                      "eps": 1e-8, "part_lr": {"projector": 1e-3}})
+    module = make_module(student, teacher, {"lm": 1.0}, train_parts=["projector"],
+                         optimizer={"name": "adamw", "lr": 1e-4, "weight_decay": 0.1, "betas": (0.9, 0.99),
+                                    "eps": 1e-8, "part_lr": {"projector": 1e-3}})
     groups = module.configure_optimizers()["optimizer"].param_groups
     names = {g["name"]: g for g in groups}
     assert set(names) == {"projector", "projector.no_decay"}
@@ -58,17 +63,16 @@ def test_trainable_parts_and_parameter_groups(models):
     trainable = {id(p) for g in groups for p in g["params"]}
     assert trainable == {id(p) for p in student.parts()["projector"]}
     with pytest.raises(ValueError, match="no part 'experts'"):
-        DistillModule(copy.deepcopy(student), None, {"lm": 1.0}, train_parts=["experts"])
-    with pytest.raises(ValueError, match="need a teacher"):
-        DistillModule(copy.deepcopy(student), None, {"kl": 1.0}, train_parts=["projector"])
+        make_module(copy.deepcopy(student), None, {"lm": 1.0}, train_parts=["experts"])
+    with pytest.raises(ValueError, match="needs a teacher"):
+        StageModule(copy.deepcopy(student), None, DistillTask({"kl": ForwardKLObjective()}), {"kl": 1.0}, ["projector"])
 
 
 def test_build_optimizer_excludes_norms_from_decay():
     layer, norm = torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)
     groups = {"language_model": [("layer.weight", layer.weight), ("layer.bias", layer.bias),
                                  ("norm.weight", norm.weight)]}
-    opt = build_optimizer(groups, {"name": "adamw", "lr": 0.1, "weight_decay": 0.5, "betas": (0.9, 0.9),
-                                   "eps": 1e-8})
+    opt = build_optimizer(groups, OptimizerConfig(name="adamw", lr=0.1, weight_decay=0.5, betas=(0.9, 0.9), eps=1e-8))
     decay, no_decay = opt.param_groups
     assert decay["params"] == [layer.weight] and decay["weight_decay"] == 0.5
     assert no_decay["params"] == [layer.bias, norm.weight] and no_decay["weight_decay"] == 0.0
@@ -95,9 +99,9 @@ def test_rng_state_round_trip_through_tensors():
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
 
 
-def test_feature_projector_is_trained_and_checkpointed(models, sqa_batch):
+def test_feature_projector_is_trained_and_checkpointed(models, sqa_batch, make_module):
     teacher, student = (copy.deepcopy(m) for m in models)
-    module = DistillModule(student, teacher, {"feature": 1.0}, train_parts=["language_model"])
+    module = make_module(student, teacher, {"feature": 1.0}, train_parts=["language_model"])
     projector = [p for n, p in module.objectives.named_parameters()]
     assert projector and all(p.requires_grad for p in projector)  # teacher width 128 -> student width 64
     groups = module.configure_optimizers()["optimizer"].param_groups
@@ -109,7 +113,7 @@ def test_feature_projector_is_trained_and_checkpointed(models, sqa_batch):
     assert all(p.grad is not None for p in projector)
 
 
-def test_logged_terms_and_taid_use_the_mean_over_the_global_batch(models, tiny_assets, tmp_path):
+def test_logged_terms_and_taid_use_the_mean_over_the_global_batch(models, tiny_assets, tmp_path, make_module):
     """With 2 accumulated micro-batches, train/* and TAID's update see both micro-batches, not the last one."""
     from mmkd.data import MultimodalCollator, ScienceQA
 
@@ -117,9 +121,9 @@ def test_logged_terms_and_taid_use_the_mean_over_the_global_batch(models, tiny_a
     data = ScienceQA(tiny_assets["sqa"], "train")
     collate = MultimodalCollator.for_models(student, teacher, max_length=160)
     batches = [collate([data[i] for i in range(0, 3)]), collate([data[i] for i in range(3, 7)])]
-    module = DistillModule(student, teacher, {"lm": 1.0, "taid": 1.0}, train_parts=["projector"], total_steps=1,
-                           optimizer={"name": "adamw", "lr": 0.0, "weight_decay": 0.0, "betas": (0.9, 0.999),
-                                      "eps": 1e-8})
+    module = make_module(student, teacher, {"lm": 1.0, "taid": 1.0}, train_parts=["projector"], total_steps=1,
+                         optimizer={"name": "adamw", "lr": 0.0, "weight_decay": 0.0, "betas": (0.9, 0.999),
+                                    "eps": 1e-8})
     with torch.no_grad():
         per_batch = [module.compute_losses(b) for b in batches]
     expected = {k: (float(per_batch[0][k]) + float(per_batch[1][k])) / 2 for k in per_batch[0]}
@@ -133,7 +137,7 @@ def test_logged_terms_and_taid_use_the_mean_over_the_global_batch(models, tiny_a
     assert float(module.objectives["taid"].loss.prev_loss) == pytest.approx(expected["taid"], rel=1e-5)
 
 
-def test_a_stand_in_batch_runs_the_modules_and_contributes_nothing(models, tiny_assets, tmp_path):
+def test_a_stand_in_batch_runs_the_modules_and_contributes_nothing(models, tiny_assets, tmp_path, make_module):
     """The collator's stand-in (every sample dropped) gives a zero loss: the step equals skipping the batch."""
     from mmkd.data import MultimodalCollator, ScienceQA
 
@@ -144,13 +148,13 @@ def test_a_stand_in_batch_runs_the_modules_and_contributes_nothing(models, tiny_
     long = {"id": "long", "images": [], "messages": [{"role": "user", "content": "count " * 400},
                                                      {"role": "assistant", "content": "B"}]}
     standin = collate([long])
-    assert standin["standin"] and standin["data_stats"]["samples"] == 0
+    assert standin.standin and standin.data_stats["samples"] == 0
 
     def fit(batches, accumulate):
         student = copy.deepcopy(models[1])
-        module = DistillModule(student, copy.deepcopy(teacher), {"lm": 1.0, "kl": 1.0}, train_parts=["projector"],
-                               total_steps=1, optimizer={"name": "sgd", "lr": 0.5, "weight_decay": 0.0,
-                                                         "betas": (0.9, 0.999), "eps": 1e-8})
+        module = make_module(student, copy.deepcopy(teacher), {"lm": 1.0, "kl": 1.0}, train_parts=["projector"],
+                             total_steps=1, optimizer={"name": "sgd", "lr": 0.5, "weight_decay": 0.0,
+                                                       "betas": (0.9, 0.999), "eps": 1e-8})
         trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=accumulate,
                             default_root_dir=tmp_path)
@@ -160,7 +164,7 @@ def test_a_stand_in_batch_runs_the_modules_and_contributes_nothing(models, tiny_
     with_standin, loss, stats = fit([normal, standin], 2)
     alone, loss_alone, _ = fit([normal], 1)
     assert loss == pytest.approx(loss_alone, rel=1e-6)  # the stand-in is not part of the step's mean
-    assert stats["samples"] == normal["data_stats"]["samples"]
+    assert stats["samples"] == normal.data_stats["samples"]
     # Lightning divides each micro-batch by 2: the update is half of the batch alone, as skipping would give
     initial = models[1].parts()["projector"]
     moved = [(p1 - p0).detach() for p1, p0 in zip(with_standin.parts()["projector"], initial)]
@@ -170,7 +174,8 @@ def test_a_stand_in_batch_runs_the_modules_and_contributes_nothing(models, tiny_
         torch.testing.assert_close(m, m_alone / 2, rtol=1e-4, atol=1e-7)
 
 
-def test_a_short_last_step_of_an_epoch_gets_its_own_mean_and_taid_update(models, tiny_assets, tmp_path):
+def test_a_short_last_step_of_an_epoch_gets_its_own_mean_and_taid_update(models, tiny_assets, tmp_path,
+                                                                          make_module):
     """3 micro-batches with accumulation 2: Lightning steps after 2, then after the epoch's last 1 alone."""
     from mmkd.data import MultimodalCollator, ScienceQA
 
@@ -178,9 +183,9 @@ def test_a_short_last_step_of_an_epoch_gets_its_own_mean_and_taid_update(models,
     data = ScienceQA(tiny_assets["sqa"], "train")
     collate = MultimodalCollator.for_models(student, teacher, max_length=160)
     batches = [collate([data[i] for i in range(3 * j, 3 * j + 3)]) for j in range(3)]
-    module = DistillModule(student, teacher, {"lm": 1.0, "taid": 1.0}, train_parts=["projector"], total_steps=2,
-                           optimizer={"name": "adamw", "lr": 0.0, "weight_decay": 0.0, "betas": (0.9, 0.999),
-                                      "eps": 1e-8})
+    module = make_module(student, teacher, {"lm": 1.0, "taid": 1.0}, train_parts=["projector"], total_steps=2,
+                         optimizer={"name": "adamw", "lr": 0.0, "weight_decay": 0.0, "betas": (0.9, 0.999),
+                                    "eps": 1e-8})
     with torch.no_grad():
         last = module.compute_losses(batches[2])
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,

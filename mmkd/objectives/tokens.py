@@ -1,0 +1,202 @@
+"""Objectives over answer tokens: the LM loss, token divergences to the teacher (chunked), hidden-state distillation.
+
+Neither side's ``(tokens, V)`` logits exist whole in the divergences: :func:`mmkd.losses.chunked_token_loss`
+recomputes them chunk by chunk from the final hidden states and LM heads.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmkd.contract import DistillBatch, ModelOutput
+from mmkd.losses import (
+    JSD,
+    TAID,
+    FeatureDistill,
+    ForwardKL,
+    ReverseKL,
+    SkewKL,
+    SkewReverseKL,
+    TokenDivergence,
+    TotalVariation,
+    chunked_token_loss,
+)
+from mmkd.objectives.base import Objective, answer_positions, answer_targets, check_counts
+
+__all__ = [
+    "FeatureObjective",
+    "ForwardKLObjective",
+    "JSDObjective",
+    "LanguageModeling",
+    "ReverseKLObjective",
+    "SkewKLObjective",
+    "SkewReverseKLObjective",
+    "TAIDObjective",
+    "TokenDivergenceObjective",
+    "TotalVariationObjective",
+]
+
+# Tokens per chunk of the divergences: 1,024 rows of (chunk, V) logits; the demo's figures were measured with it.
+DEFAULT_CHUNK = 1024
+
+
+class LanguageModeling(Objective):
+    """Cross-entropy of the student on the answer tokens (``lm``), logits computed at answer positions only."""
+
+    needs_teacher = False
+
+    def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: DistillBatch) -> Tensor:
+        labels = batch.labels
+        hidden = student.last_hidden[answer_positions(labels)]
+        if hidden.shape[0] == 0:  # no answer token in the batch (a generated answer cut to nothing): no loss
+            return student.last_hidden.sum().float() * 0.0
+        logits = student.logits(hidden).float()
+        return F.cross_entropy(logits, answer_targets(labels))
+
+
+class TokenDivergenceObjective(Objective):
+    """A token divergence between the teacher's and the student's next-token distributions on answer tokens.
+
+    Args:
+        loss: The divergence (reduction ``"mean"``).
+        chunk_size: Answer tokens per chunk of logits.
+    """
+
+    def __init__(self, loss: TokenDivergence, chunk_size: int = DEFAULT_CHUNK) -> None:
+        super().__init__()
+        self.loss = loss
+        self.chunk_size = chunk_size
+
+    def forward(self, student: ModelOutput, teacher: ModelOutput, batch: DistillBatch) -> Tensor:
+        s_mask = answer_positions(batch.labels)
+        t_mask = answer_positions(batch.teacher_side()[1])
+        check_counts(s_mask, t_mask)
+        return chunked_token_loss(
+            self.loss,
+            student.last_hidden[s_mask],
+            student.head_weight,
+            teacher.last_hidden[t_mask].detach(),
+            teacher.head_weight.detach(),
+            chunk_size=self.chunk_size,
+        )
+
+
+class ForwardKLObjective(TokenDivergenceObjective):
+    """``kl`` / ``fkl``: forward KL(p_T‖p_S) (Hinton et al., 2015).
+
+    Args:
+        temperature: Divides both sides' logits.
+        scale_by_t2: Multiply by ``temperature**2``.
+        chunk_size: Answer tokens per chunk of logits.
+    """
+
+    def __init__(self, temperature: float = 1.0, scale_by_t2: bool = False, chunk_size: int = DEFAULT_CHUNK) -> None:
+        super().__init__(ForwardKL(temperature, scale_by_t2), chunk_size)
+
+
+class ReverseKLObjective(TokenDivergenceObjective):
+    """``rkl``: reverse KL(p_S‖p_T) (MiniLLM). Arguments as :class:`ForwardKLObjective`."""
+
+    def __init__(self, temperature: float = 1.0, scale_by_t2: bool = False, chunk_size: int = DEFAULT_CHUNK) -> None:
+        super().__init__(ReverseKL(temperature, scale_by_t2), chunk_size)
+
+
+class TotalVariationObjective(TokenDivergenceObjective):
+    """``tvd``: total variation distance. Arguments as :class:`ForwardKLObjective`."""
+
+    def __init__(self, temperature: float = 1.0, scale_by_t2: bool = False, chunk_size: int = DEFAULT_CHUNK) -> None:
+        super().__init__(TotalVariation(temperature, scale_by_t2), chunk_size)
+
+
+class JSDObjective(TokenDivergenceObjective):
+    """``jsd``: generalized Jensen-Shannon divergence JSD(β) (GKD).
+
+    Args:
+        beta: Teacher weight of the mixture, strictly between 0 and 1.
+        temperature: Divides both sides' logits.
+        scale_by_t2: Multiply by ``temperature**2``.
+        chunk_size: Answer tokens per chunk of logits.
+    """
+
+    def __init__(self, beta: float = 0.5, temperature: float = 1.0, scale_by_t2: bool = False,
+                 chunk_size: int = DEFAULT_CHUNK) -> None:
+        super().__init__(JSD(beta, temperature, scale_by_t2), chunk_size)
+
+
+class SkewKLObjective(TokenDivergenceObjective):
+    """``skl``: α-skew forward KL (DistiLLM).
+
+    Args:
+        alpha: Skew, ``0 <= alpha < 1``.
+        temperature: Divides both sides' logits.
+        scale_by_t2: Multiply by ``temperature**2``.
+        chunk_size: Answer tokens per chunk of logits.
+    """
+
+    def __init__(self, alpha: float = 0.1, temperature: float = 1.0, scale_by_t2: bool = False,
+                 chunk_size: int = DEFAULT_CHUNK) -> None:
+        super().__init__(SkewKL(alpha, temperature, scale_by_t2), chunk_size)
+
+
+class SkewReverseKLObjective(TokenDivergenceObjective):
+    """``srkl``: α-skew reverse KL (DistiLLM). Arguments as :class:`SkewKLObjective`."""
+
+    def __init__(self, alpha: float = 0.1, temperature: float = 1.0, scale_by_t2: bool = False,
+                 chunk_size: int = DEFAULT_CHUNK) -> None:
+        super().__init__(SkewReverseKL(alpha, temperature, scale_by_t2), chunk_size)
+
+
+class TAIDObjective(TokenDivergenceObjective):
+    """``taid``: KL from the adaptive student-teacher interpolation to the student (TAID, Shing et al., 2025).
+
+    The interpolation advances once per optimizer step on this term's mean over the global batch.
+
+    Args:
+        total_steps: The stage's optimizer steps (filled in by the stage), for the linear floor.
+        t_start: Initial interpolation.
+        t_end: Final interpolation.
+        alpha: Step size of the adaptive update.
+        beta: Momentum of the relative loss change.
+        adaptive: False gives the linear schedule.
+        temperature: Divides both sides' logits.
+        scale_by_t2: Multiply by ``temperature**2``.
+        chunk_size: Answer tokens per chunk of logits.
+    """
+
+    context: ClassVar[dict[str, str]] = {"total_steps": "total_steps"}
+
+    def __init__(self, total_steps: int, t_start: float = 0.4, t_end: float = 1.0, alpha: float = 5e-4,
+                 beta: float = 0.99, adaptive: bool = True, temperature: float = 1.0, scale_by_t2: bool = False,
+                 chunk_size: int = DEFAULT_CHUNK) -> None:
+        super().__init__(TAID(total_steps, t_start, t_end, alpha, beta, adaptive, temperature, scale_by_t2),
+                         chunk_size)
+
+    def on_optimizer_step(self, value: Tensor) -> dict[str, float]:
+        self.loss.step(value.detach())
+        return {"t": float(self.loss.interpolation)}
+
+
+class FeatureObjective(Objective):
+    """``feature``: hidden-state distillation on answer tokens through a learned projector when widths differ.
+
+    Args:
+        student_dim: Student hidden width (filled in from the student).
+        teacher_dim: Teacher hidden width (filled in from the teacher).
+        kind: ``mse`` or ``cosine``.
+        project: Force a projector even for equal widths.
+    """
+
+    context: ClassVar[dict[str, str]] = {"student_dim": "student.hidden_size", "teacher_dim": "teacher.hidden_size"}
+
+    def __init__(self, student_dim: int, teacher_dim: int, kind: str = "mse", project: bool = False) -> None:
+        super().__init__()
+        self.loss: nn.Module = FeatureDistill(student_dim, teacher_dim, kind=kind, project=project)
+
+    def forward(self, student: ModelOutput, teacher: ModelOutput, batch: DistillBatch) -> Tensor:
+        s_mask = answer_positions(batch.labels)
+        t_mask = answer_positions(batch.teacher_side()[1])
+        check_counts(s_mask, t_mask)
+        return self.loss(student.last_hidden[s_mask], teacher.last_hidden[t_mask].detach())

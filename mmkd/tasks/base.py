@@ -1,0 +1,116 @@
+"""What a task is: the unit of extension, one kind of stage.
+
+A task says what one stage computes: which batches its collator builds, which named loss terms a batch gives, and
+which objectives it can weigh. It is a small class typed by its ``__init__`` (its recipe ``task_args``), built for a
+stage with that stage's objectives. The one Lightning module (``mmkd.train.stage_module.StageModule``) does
+everything every stage shares — freezing, optimizer, schedule, the weighted sum, the stand-in batch, finiteness,
+global-batch means, logging, RNG — and asks the task only for what is specific to it.
+
+Nothing here imports Lightning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+from mmkd.objectives import Objective
+
+__all__ = ["Collator", "ObjectiveTask", "Task"]
+
+Collator = Callable[[list[Any]], Any]
+
+
+@runtime_checkable
+class Task(Protocol):
+    """The interface of a kind of stage (see the module docstring).
+
+    Attributes:
+        accepts: The objective families (``Objective.reads``) the task computes.
+        requires: Families of which the stage must name exactly one objective.
+        needs_teacher: Whether the stage loads the recipe's teacher (False: it is released, or never loaded).
+        objectives: The stage's objectives by recipe name (a submodule of the stage: trained and checkpointed).
+    """
+
+    accepts: ClassVar[tuple[str, ...]]
+    requires: ClassVar[tuple[str, ...]]
+    needs_teacher: bool
+    objectives: nn.ModuleDict
+
+    @classmethod
+    def teacher_needed(cls, objectives: Mapping[str, type[Objective]], **args: Any) -> bool:
+        """Whether a stage with these objective classes and task arguments needs the teacher (at recipe load)."""
+        ...
+
+    def prepare(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Called once the stage's models exist, before training (e.g. to copy the starting student)."""
+        ...
+
+    def collator(self, student: Any, teacher: Any | None, max_length: int) -> Collator:
+        """Records -> the batches this task's ``losses`` takes."""
+        ...
+
+    def losses(self, student: nn.Module, teacher: nn.Module | None, batch: Any) -> dict[str, Tensor]:
+        """Named scalar terms of one micro-batch: every objective's (the stage weighs them by the recipe's
+        weights), the model's own ``aux`` loss if any (added as it is), and terms logged only."""
+        ...
+
+    def frozen_models(self) -> dict[str, nn.Module]:
+        """Frozen models of the task's own besides the teacher (a reference copy): placed like the teacher."""
+        ...
+
+    def on_optimizer_step(self, means: Mapping[str, Tensor]) -> dict[str, float]:
+        """Once per optimizer step with each term's mean over the global batch: schedules (TAID). Returns values
+        to log (``train/<key>``)."""
+        ...
+
+    def after_optimizer_step(self, student: nn.Module) -> None:
+        """After each optimizer step (e.g. clamping a logit scale)."""
+        ...
+
+
+class ObjectiveTask:
+    """Shared defaults of the tasks: the stage's objectives, teacher need derived from them, schedule hooks.
+
+    Args:
+        objectives: The stage's objectives by recipe name.
+    """
+
+    accepts: ClassVar[tuple[str, ...]] = ("tokens",)
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, objectives: Mapping[str, Objective]) -> None:
+        self.objectives = nn.ModuleDict(dict(objectives))
+
+    @classmethod
+    def teacher_needed(cls, objectives: Mapping[str, type[Objective]], **args: Any) -> bool:
+        """Whether a stage of this task with these objective classes and task arguments needs the teacher (asked
+        when the recipe loads, before anything is built)."""
+        return any(o.needs_teacher for o in objectives.values())
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.teacher_needed({n: type(o) for n, o in self.objectives.items()})
+
+    def of_family(self, family: str) -> dict[str, Objective]:
+        """The stage's objectives that read ``family``, in recipe order."""
+        return {name: o for name, o in self.objectives.items() if o.reads == family}
+
+    def prepare(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        return None
+
+    def frozen_models(self) -> dict[str, nn.Module]:
+        return {}
+
+    def on_optimizer_step(self, means: Mapping[str, Tensor]) -> dict[str, float]:
+        logged: dict[str, float] = {}
+        for name, objective in self.objectives.items():
+            if name in means:
+                for key, value in objective.on_optimizer_step(means[name]).items():
+                    logged[f"{name}_{key}"] = value
+        return logged
+
+    def after_optimizer_step(self, student: nn.Module) -> None:
+        return None

@@ -1,0 +1,106 @@
+"""Preference distillation: DPO on chosen/rejected answer pairs against a frozen reference (LLaVA-MoD)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from mmkd.contract import AUX_LOSS, DistillBatch, PreferenceBatch
+from mmkd.objectives import Objective, answer_logprobs
+from mmkd.tasks.base import Collator, ObjectiveTask
+
+__all__ = ["PreferenceTask"]
+
+
+class PreferenceTask(ObjectiveTask):
+    """DPO with the teacher (LLaVA-MoD) or the stage's starting student as the reference model.
+
+    The stage names exactly one preference objective (``dpo``) and optionally token objectives, computed on the
+    chosen answers (``lm``: the NLL of the chosen answer, a common regulariser; a distillation objective compares
+    with the teacher there). Reference log-probabilities are computed under ``no_grad`` by a frozen model that is
+    neither a submodule nor in the optimizer or the checkpoint; ``initial_student`` is a frozen copy taken when the
+    stage is built (on resume the runner rebuilds the stage's starting student first, so the copy is the same).
+
+    Args:
+        objectives: The stage's objectives by recipe name.
+        reference: ``teacher`` or ``initial_student``.
+        average: Length-averaged log-probabilities; None: only for the ``ipo`` loss, which expects them.
+    """
+
+    accepts = ("preference", "tokens")
+    requires = ("preference",)
+
+    def __init__(self, objectives: dict[str, Objective], reference: Literal["teacher", "initial_student"] = "teacher",
+                 average: bool | None = None) -> None:
+        super().__init__(objectives)
+        preference = self.of_family("preference")
+        if len(preference) != 1:
+            raise ValueError(f"a preference stage takes exactly one preference objective, got {sorted(preference)}")
+        (self.preference_name, self.preference), = preference.items()
+        self.tokens = self.of_family("tokens")
+        self.reference_kind = reference
+        self.average = bool(average) if average is not None else getattr(self.preference, "loss_type", "") == "ipo"
+        self.reference: nn.Module | None = None
+
+    @classmethod
+    def teacher_needed(cls, objectives: dict[str, type[Objective]], reference: str = "teacher", **args: Any) -> bool:
+        tokens = [o for o in objectives.values() if o.reads == "tokens"]
+        return reference == "teacher" or any(o.needs_teacher for o in tokens)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.teacher_needed({n: type(o) for n, o in self.objectives.items()}, self.reference_kind)
+
+    def prepare(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        if self.reference_kind == "initial_student":
+            reference = copy.deepcopy(student)
+            if hasattr(reference, "freeze"):
+                reference.freeze()
+            else:
+                reference.eval().requires_grad_(False)
+            self.reference = reference
+
+    def frozen_models(self) -> dict[str, nn.Module]:
+        return {"reference": self.reference} if self.reference is not None else {}
+
+    def collator(self, student: Any, teacher: Any | None, max_length: int) -> Collator:
+        from mmkd.data.collate import PreferenceCollator
+
+        return PreferenceCollator.for_models(student, teacher if self.needs_teacher else None, max_length=max_length)
+
+    def _reference_pass(self, teacher: nn.Module | None, side: DistillBatch) -> tuple[Any, Tensor]:
+        """The reference model's output and labels on one answer side (the teacher reads its own inputs)."""
+        if self.reference_kind == "teacher":
+            inputs, labels = side.teacher_side()
+            return teacher(**inputs.kwargs()), labels
+        return self.reference(**side.inputs.kwargs()), side.labels
+
+    def losses(self, student: nn.Module, teacher: nn.Module | None, batch: PreferenceBatch) -> dict[str, Tensor]:
+        hidden = any(o.needs_hidden_states for o in self.tokens.values())
+        sides = {"chosen": batch.chosen, "rejected": batch.rejected}
+        outs = {name: student(**side.inputs.kwargs(), output_hidden_states=hidden and name == "chosen")
+                for name, side in sides.items()}
+        policy = {name: answer_logprobs(outs[name], side.labels, self.average) for name, side in sides.items()}
+        with torch.no_grad():
+            reference_outs = {name: self._reference_pass(teacher, side) for name, side in sides.items()}
+            reference = {name: answer_logprobs(out, labels, self.average)
+                         for name, (out, labels) in reference_outs.items()}
+        loss, metrics = self.preference(policy["chosen"], policy["rejected"], reference["chosen"],
+                                        reference["rejected"])
+        name = self.preference_name
+        terms: dict[str, Tensor] = {name: loss, **{f"{name}_{k}": v for k, v in metrics.items()}}
+        teacher_chosen = None
+        if any(o.needs_teacher for o in self.tokens.values()):
+            if self.reference_kind == "teacher" and not hidden:
+                teacher_chosen = reference_outs["chosen"][0]
+            else:
+                with torch.no_grad():
+                    teacher_chosen = teacher(**batch.chosen.teacher_side()[0].kwargs(), output_hidden_states=hidden)
+        for token_name, objective in self.tokens.items():
+            terms[token_name] = objective(outs["chosen"], teacher_chosen, batch.chosen)
+        if outs["chosen"].aux_loss is not None:
+            terms[AUX_LOSS] = outs["chosen"].aux_loss
+        return terms

@@ -1,0 +1,129 @@
+"""Turn one resolved stage into a Trainer, the StageModule and a DataModule."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch import nn
+
+from mmkd.train.callbacks import StepCheckpoint, fault_callbacks
+from mmkd.train.recipe import StageSpec, import_path
+from mmkd.train.rundir import RunDir
+
+__all__ = ["build_logger", "build_stage", "build_task_for"]
+
+
+def build_logger(spec: Any, stage_dir: Path, logs_dir: Path):
+    """The stage's logger: CSV by default, or any Lightning logger given as ``class_path``/``init_args``."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    if spec is False:
+        return False
+    if spec in (None, True):
+        return CSVLogger(save_dir=str(stage_dir), name=logs_dir.name, version="")
+    cls = import_path(spec["class_path"])
+    init_args = dict(spec.get("init_args") or {})
+    if "save_dir" in inspect.signature(cls).parameters and "save_dir" not in init_args:
+        init_args["save_dir"] = str(logs_dir)
+    return cls(**init_args)
+
+
+def build_task_for(spec: StageSpec, student: nn.Module, teacher: nn.Module | None, total_steps: int):
+    """The stage's task with its objectives, their context (widths, total steps) taken from the models."""
+    from mmkd.objectives import build_objective
+    from mmkd.tasks import build_task
+
+    objectives = {o.name: build_objective(o.name, o.args, student=student, teacher=teacher, total_steps=total_steps)
+                  for o in spec.objectives}
+    return build_task(spec.task, spec.task_args, objectives, student=student, teacher=teacher)
+
+
+def _align_vocabularies(student: nn.Module, teacher: nn.Module | None) -> None:
+    """Same tokenizer, differently padded heads (151,936 vs 152,064 rows): both expose logits over len(tokenizer)."""
+    from mmkd.models import ImageTextModel, align_vocab
+
+    if isinstance(teacher, ImageTextModel) and isinstance(student, ImageTextModel):
+        align_vocab(teacher, student)
+
+
+def build_stage(
+    spec: StageSpec,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    run: RunDir,
+    on_saved: Callable[[Path, int], None],
+    echo: Callable[[str], None] = print,
+    datasets: tuple[Any, Any] | None = None,
+):
+    """Everything a stage needs to run: ``(trainer, module, datamodule)``.
+
+    Args:
+        spec: The resolved stage.
+        student: The stage's starting student.
+        teacher: The teacher when the stage's task needs one, else None.
+        run: The run directory.
+        on_saved: Called on rank 0 with ``(checkpoint path, step)`` once a checkpoint is complete.
+        echo: Where progress messages go.
+        datasets: The stage's ``(train, val)`` datasets when the caller already opened them.
+    """
+    from mmkd.data.datamodule import MMKDDataModule
+    from mmkd.train.stage_module import StageModule
+    from mmkd.train.strategies import build_strategy
+
+    tr = spec.trainer
+    if datasets is None:
+        datasets = (spec.data.build(), spec.val_data.build() if spec.val_data else None)
+    dataset, val_dataset = datasets
+    total_steps = spec.total_steps(len(dataset))
+    teacher = teacher if spec.needs_teacher else None
+    _align_vocabularies(student, teacher)
+    task = build_task_for(spec, student, teacher, total_steps)
+    collate = getattr(dataset, "collate_fn", None) or task.collator(student, teacher, spec.max_length)
+    datamodule = MMKDDataModule(dataset, collate, val_dataset=val_dataset, batch_size=spec.micro_batch_size,
+                                num_workers=int(tr.num_workers or 0), seed=spec.seed)
+    module = StageModule(student, teacher, task, spec.weights, spec.train, optimizer=spec.optimizer,
+                         schedule=spec.schedule, total_steps=total_steps, stage=spec.name)
+    checkpoint = StepCheckpoint(run.checkpoints(spec.name), int(tr.checkpoint_every_n_steps or 50),
+                                int(tr.keep_checkpoints or 2), on_saved)
+    # Fault injection (tests only) goes first: a kill at step N lands before that step's checkpoint.
+    callbacks: list[L.Callback] = [*fault_callbacks(spec.name), checkpoint]
+    if spec.sqa_eval is not None:
+        from dataclasses import asdict
+
+        from mmkd.train.evaluation import ScienceQAEval
+
+        sqa = asdict(spec.sqa_eval)
+        callbacks.append(ScienceQAEval(out_dir=run.eval_dir(spec.name, sqa["split"], sqa["mode"]), **sqa))
+    if tr.enable_progress_bar:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar(leave=True))
+    trainer = L.Trainer(
+        accelerator=tr.accelerator,
+        devices=tr.devices,
+        num_nodes=int(tr.num_nodes or 1),
+        strategy=build_strategy(tr.strategy or "auto", accelerator=tr.accelerator, spec=spec, student=student),
+        precision=tr.precision,
+        max_steps=total_steps,
+        max_epochs=-1,
+        accumulate_grad_batches=spec.accumulate,
+        gradient_clip_val=tr.gradient_clip_val if tr.gradient_clip_val else None,
+        log_every_n_steps=int(tr.log_every_n_steps or 10),
+        val_check_interval=tr.val_check_interval if val_dataset is not None else None,
+        limit_val_batches=tr.limit_val_batches if val_dataset is not None else 0,
+        num_sanity_val_steps=0,
+        logger=build_logger(tr.logger, run.stage_dir(spec.name), run.logs(spec.name)),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=bool(tr.enable_progress_bar),
+        enable_model_summary=False,
+        default_root_dir=str(run.stage_dir(spec.name)),
+        deterministic=False,
+    )
+    echo(f"stage {spec.name}: {len(dataset)} samples, {total_steps} optimizer steps, micro-batch "
+         f"{spec.micro_batch_size} x {spec.accumulate} accumulation")
+    return trainer, module, datamodule
