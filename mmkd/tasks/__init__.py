@@ -15,13 +15,16 @@ from mmkd.tasks.base import Collator, ObjectiveTask, Task
 from mmkd.tasks.clip import CLIPTask
 from mmkd.tasks.distill import DistillTask
 from mmkd.tasks.preference import PreferenceTask
+from mmkd.tasks.seq_kd import SeqKDTask
 
-__all__ = ["TASKS", "CLIPTask", "Collator", "DistillTask", "ObjectiveTask", "PreferenceTask", "Task", "build_task"]
+__all__ = ["TASKS", "CLIPTask", "Collator", "DistillTask", "ObjectiveTask", "PreferenceTask", "SeqKDTask", "Task",
+           "build_task"]
 
 TASKS: dict[str, type[Task]] = {
     "distill": DistillTask,
     "preference": PreferenceTask,
     "clip": CLIPTask,
+    "seq_kd": SeqKDTask,
 }
 
 
