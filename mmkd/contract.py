@@ -18,6 +18,7 @@ from torch import Tensor, nn
 __all__ = [
     "AUX_LOSS",
     "PART_NAMES",
+    "VIEW_PARTS",
     "CLIPBatch",
     "CLIPOutput",
     "ContrastiveModel",
@@ -34,6 +35,8 @@ __all__ = [
 # overlapping ``language_model`` and ``experts``: every feed-forward projection of the LM, dense or expert), the
 # experts and the router of an MoE LM. CLIP models: the two towers and the logit scale.
 PART_NAMES = ("vision_tower", "projector", "language_model", "ffn", "experts", "router", "text_tower", "logit_scale")
+# Parts that are views over others (their parameters also belong to another part); every other part is disjoint.
+VIEW_PARTS = ("ffn",)
 
 # The name of the term a model adds to the loss itself (MoE router losses, already weighted by their coefficients):
 # a stage adds it to the weighted objectives as it is.

@@ -12,10 +12,11 @@ Setting (what a user of distillation has in practice, scaled down to minutes on 
 * the student gets a small ``labelled`` set (a subset of the teacher's split, true answers) and a larger,
   disjoint ``transfer`` set *without* answers: the teacher answers those questions (its own most likely
   option letter), and only that answer and the teacher's distributions ever reach the student;
-* tiny LLaVA-KD (``recipes/tiny/llava_kd.yaml``: DPT with MDist + RDist on the transfer prompts, SFT on the
-  labelled set, DFT with LM + MDist + RDist on both) against the baseline ``recipes/tiny/demo_no_kd.yaml``: the
-  same student, initial weights, stages, optimizer, schedule, batch and optimizer steps, LM loss only, on the
-  labelled set (without a teacher the transfer set has no answers to learn from);
+* tiny LLaVA-KD as the demo measures it (``recipes/tiny/demo_kd.yaml``: DPT with MDist + RDist on the transfer
+  prompts, SFT on the labelled set, DFT with LM + MDist + RDist on both) against the baseline
+  ``recipes/tiny/demo_no_kd.yaml``: the same student, initial weights, stages, optimizer, schedule, batch and
+  optimizer steps, LM loss only, on the labelled set (without a teacher the transfer set has no answers to learn
+  from);
 * teacher, distilled student and baseline are scored on the test split by ``mmkd eval`` in both modes:
   generation scored by LLaVA's ScienceQA rules (the headline) and option likelihood.
 
@@ -305,8 +306,8 @@ def _demo(out: str, seed: int, n: int, labelled: int, transfer: int, teacher_ste
 
     steps = {"dpt_steps": dpt_steps, "sft_steps": sft_steps, "dft_steps": dft_steps}
     t0 = time.perf_counter()
-    echo("tiny LLaVA-KD: DPT -> SFT -> DFT (recipes/tiny/llava_kd.yaml)")
-    _fit("llava_kd", root, {**common, **steps, "run_dir": root / "kd"}, echo)
+    echo("tiny LLaVA-KD: DPT -> SFT -> DFT (recipes/tiny/demo_kd.yaml)")
+    _fit("demo_kd", root, {**common, **steps, "run_dir": root / "kd"}, echo)
     lap("student_kd_fit", t0)
     t0 = time.perf_counter()
     echo("baseline without distillation (recipes/tiny/demo_no_kd.yaml)")
@@ -343,7 +344,7 @@ def _demo(out: str, seed: int, n: int, labelled: int, transfer: int, teacher_ste
         "lr": lr,
         "examples_per_student": batch * (dpt_steps + sft_steps + dft_steps),
         "sizes": sizes,
-        "recipes": {"teacher": "recipes/tiny/teacher.yaml", "student_kd": "recipes/tiny/llava_kd.yaml",
+        "recipes": {"teacher": "recipes/tiny/teacher.yaml", "student_kd": "recipes/tiny/demo_kd.yaml",
                     "student_no_kd": "recipes/tiny/demo_no_kd.yaml"},
         "world_options": "fixed_options" if fixed_options else "default",
         "trained_parts": ["projector", "language_model"],

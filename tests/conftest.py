@@ -26,7 +26,10 @@ def models(tiny_assets):
     """The tiny LLaVA-class teacher and a tiny MLLM student, loaded from their folders."""
     from mmkd.models import LlavaModel, MLLMStudent
 
+    import torch
+
     teacher = LlavaModel(tiny_assets["teacher"])
+    torch.manual_seed(0)  # the fresh projector: the same whichever tests ran before
     student = MLLMStudent(tiny_assets["student_vision"], tiny_assets["student_lm"], tokenizer=tiny_assets["tokenizer"])
     return teacher, student
 

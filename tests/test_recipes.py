@@ -73,10 +73,11 @@ def _tiny_overrides(recipe_path: Path, assets: dict, run_dir: Path, onevision: s
                  "--student", json.dumps({"class_path": "mmkd.models.CLIPModel",
                                           "init_args": {"arch": str(models / "clip-student")}})]
     else:
-        teacher = recipe.config["teacher"]["init_args"]["path"]
-        teacher = onevision if onevision and "onevision" in teacher else assets["teacher"]
-        args += ["--teacher", json.dumps({"class_path": "mmkd.models.LlavaModel", "init_args": {"path": teacher}}),
-                 "--student", json.dumps({"class_path": "mmkd.models.MLLMStudent",
+        teacher = (recipe.config.get("teacher") or {}).get("init_args", {}).get("path")
+        if teacher is not None:
+            teacher = onevision if onevision and "onevision" in teacher else assets["teacher"]
+            args += ["--teacher", json.dumps({"class_path": "mmkd.models.LlavaModel", "init_args": {"path": teacher}})]
+        args += ["--student", json.dumps({"class_path": "mmkd.models.MLLMStudent",
                                           "init_args": {"vision": assets["student_vision"],
                                                         "language_model": assets["student_lm"],
                                                         "tokenizer": assets["tokenizer"]}})]
@@ -88,7 +89,8 @@ def _tiny_overrides(recipe_path: Path, assets: dict, run_dir: Path, onevision: s
     return args
 
 
-PAPER = ["llava_kd.yaml", "llava_mod.yaml", "taid.yaml", "clip_kd.yaml"]
+PAPER = ["llava_kd.yaml", "llava_kd_onevision.yaml", "llava15_teacher.yaml", "llava_mod.yaml", "taid.yaml",
+         "clip_kd.yaml"]
 
 
 @pytest.mark.parametrize("name", PAPER)
@@ -107,6 +109,8 @@ def test_paper_recipe_runs_two_steps_per_stage_with_tiny_models(name, tiny_asset
         assert entry["status"] == "done" and entry["global_step"] == 2, (stage, entry)
         for objective in recipe.stage(stage).weights:
             assert f"train/{objective}" in entry["metrics"], (stage, objective, sorted(entry["metrics"]))
+        if "router" in recipe.stage(stage).train:  # the upcycled student's router loss reached the stage's loss
+            assert entry["metrics"]["train/aux"] > 0, (stage, entry["metrics"])
 
 
 def test_tiny_llava_mod_exports_an_moe_student_that_transformers_loads(tiny_assets, tmp_path):
@@ -118,10 +122,13 @@ def test_tiny_llava_mod_exports_an_moe_student_that_transformers_loads(tiny_asse
     manifest = json.loads((run / "manifest.json").read_text())
     assert [e["status"] for e in manifest["stages"].values()] == ["done"] * 4
     assert manifest["stages"]["sparse_mimic"]["metrics"]["train/aux"] > 0  # router loss reached the logs
+    assert manifest["stages"]["preference"]["metrics"]["train/aux"] > 0
     assert "train/dpo_margin" in manifest["stages"]["preference"]["metrics"]
     assert main(["export", str(run), "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["text_config"]["model_type"] == "qwen2_moe"
+    # LLaVA-MoD's placement and reduction: experts on layers 0, 2, ... (the tiny LM has 2 layers), losses summed
+    assert config["text_config"]["mlp_only_layers"] == [1] and config["text_config"]["router_layer_reduction"] == "sum"
     # reload with transformers alone, in a process that never imports mmkd
     script = (
         "import sys, torch, transformers\n"
@@ -135,3 +142,27 @@ def test_tiny_llava_mod_exports_an_moe_student_that_transformers_loads(tiny_asse
     assert proc.returncode == 0, proc.stderr[-2000:]
     vocab, imported = proc.stdout.split()
     assert int(vocab) > 0 and imported == "False"
+
+
+@pytest.mark.parametrize("name", ["taid.yaml", "clip_kd.yaml"])
+def test_tiny_paper_recipes_run_end_to_end(name, tiny_assets, tmp_path):
+    """recipes/tiny/ with the papers' terms (LLaVA-MoD's: the test above; LLaVA-KD's: tests/test_demo.py)."""
+    if name == "clip_kd.yaml":
+        from mmkd.assets import prepare_tiny_assets
+
+        tiny_assets = prepare_tiny_assets(tmp_path / "assets", n=60, seed=0, clip=True)
+    run = tmp_path / "run"
+    path = ROOT / "recipes" / "tiny" / name
+    assert main(["fit", str(path), "--run-dir", str(run), "--data_root", tiny_assets["root"], "--trainer.max_steps",
+                 "2", "--trainer.enable_progress_bar", "false"]) == 0
+    manifest = json.loads((run / "manifest.json").read_text())
+    recipe = load_recipe(path)
+    for stage in recipe.stage_names:
+        entry = manifest["stages"][stage]
+        assert entry["status"] == "done" and entry["global_step"] == 2
+        assert all(f"train/{o}" in entry["metrics"] for o in recipe.stage(stage).weights)
+    if name == "taid.yaml":  # TAID's t moved by the update its cross-entropy drove
+        assert "train/taid_update" in manifest["stages"]["dft"]["metrics"]
+        assert manifest["stages"]["dft"]["metrics"]["train/taid_t"] >= 0.4
+    else:  # ICL was computed, and the clamp kept the student's logit scale in [0, ln 100]
+        assert "train/clip_icl" in manifest["stages"]["distill"]["metrics"]

@@ -4,6 +4,7 @@ plus its processor, behind the output contract."""
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -71,6 +72,7 @@ class ImageTextModel(nn.Module):
             cfg_id = getattr(hf.config, "image_token_index", None)
         self.image_token_id: int = int(cfg_id if cfg_id is not None else tok.convert_tokens_to_ids(self.image_token))
         self.num_image_tokens, self._fixed_image_tokens = self._probe_image_tokens()
+        self.image_base_tokens = self._base_grid_tokens()
         if gradient_checkpointing:
             self.gradient_checkpointing_enable()
 
@@ -108,6 +110,21 @@ class ImageTextModel(nn.Module):
             return int(size["height"]), int(size["width"])
         edge = int(size.get("shortest_edge", 224))
         return edge, edge
+
+    def _base_grid_tokens(self) -> int | None:
+        """Visual tokens of each image's base grid (``ModelOutput.image_base_tokens``), or None.
+
+        A fixed-resolution family's image is one square grid; an any-resolution LLaVA (NeXT, OneVision) puts the
+        base image's ``(size / patch)²`` grid first, then the tiles; a dynamic-resolution family (Qwen-VL) has no
+        grid common to its images.
+        """
+        if self._fixed_image_tokens:
+            side = math.isqrt(self.num_image_tokens)
+            return self.num_image_tokens if side * side == self.num_image_tokens else None
+        vision = getattr(self.hf.config, "vision_config", None)
+        if getattr(self.hf.config, "image_grid_pinpoints", None) and vision is not None:
+            return (int(vision.image_size) // int(vision.patch_size)) ** 2
+        return None
 
     def _count_by_processor(self, image: Image.Image) -> int:
         enc = self.processor(text=self.image_token, images=[image.convert("RGB")], return_tensors="pt")
@@ -198,6 +215,7 @@ class ImageTextModel(nn.Module):
             vision_features=_vision_features(out),
             visual_mask=input_ids == self.image_token_id,
             aux_loss=aux,
+            image_base_tokens=self.image_base_tokens,
         )
 
     def _anchor_hook(self, base: nn.Module) -> Callable[[nn.Module, Any, Tensor], Tensor]:
@@ -343,10 +361,14 @@ class ImageTextModel(nn.Module):
 
     # -- parts, freezing, saving ----------------------------------------------------------------------------
     def parts(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by part name: ``vision_tower``, ``projector``, ``language_model``, ``experts``, ``router``.
+        """Parameters by part name: ``vision_tower``, ``projector``, ``language_model``, ``ffn``, ``experts``,
+        ``router``.
 
-        The lists are disjoint: on an MoE student ``language_model`` holds everything of the LM except the
-        expert and router weights (the LM head belongs to ``language_model``). Only non-empty parts appear.
+        ``vision_tower``, ``projector``, ``language_model``, ``experts`` and ``router`` are disjoint: on an MoE student
+        ``language_model`` holds everything of the LM except the expert and router weights (the LM head belongs to
+        ``language_model``). ``ffn`` is a view across them: every feed-forward projection of the LM, the dense
+        layers' MLPs and the experts (LLaVA-MoD trains these, the routers and the projector). Only non-empty parts
+        appear.
         """
         out: dict[str, list[nn.Parameter]] = {}
         seen: set[int] = set()
@@ -354,8 +376,11 @@ class ImageTextModel(nn.Module):
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            out.setdefault(_part_of(name), []).append(p)
-        order = ("vision_tower", "projector", "language_model", "experts", "router")
+            part = _part_of(name)
+            out.setdefault(part, []).append(p)
+            if part in ("language_model", "experts") and ".mlp." in name and ".mlp.gate." not in name:
+                out.setdefault("ffn", []).append(p)
+        order = ("vision_tower", "projector", "language_model", "ffn", "experts", "router")
         return {k: out[k] for k in order if out.get(k)}
 
     def freeze(self) -> ImageTextModel:

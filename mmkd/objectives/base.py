@@ -17,6 +17,7 @@ Answer tokens follow the Hugging Face shift: the hidden state at position ``t - 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -39,8 +40,14 @@ class Objective(nn.Module):
     def forward(self, *args: Any) -> Tensor:
         raise NotImplementedError
 
-    def on_optimizer_step(self, value: Tensor) -> dict[str, float]:
-        """Called once per optimizer step with this objective's mean over the global batch (same on every rank).
+    def extras(self) -> dict[str, Tensor]:
+        """Values the last forward computed besides the term (logged as ``<name>_<key>``, averaged over the global
+        batch, and handed back to :meth:`on_optimizer_step`); read once."""
+        return {}
+
+    def on_optimizer_step(self, value: Tensor, extras: Mapping[str, Tensor] | None = None) -> dict[str, float]:
+        """Called once per optimizer step with this objective's mean over the global batch (same on every rank)
+        and the global means of its :meth:`extras`.
 
         Returns:
             Values to log under ``train/<name>_<key>`` (e.g. TAID's interpolation ``t``).

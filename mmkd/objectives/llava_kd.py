@@ -47,10 +47,11 @@ class RDistObjective(Objective):
     Args:
         on: ``logits`` (LLaVA-KD: relations of the visual tokens' output distributions, computed in hidden space)
             or ``hidden`` (relations of the final hidden states).
-        normalize: L2-normalise each token's features before the product (cosine similarities).
+        normalize: L2-normalise each token's features before the product (cosine similarities). False is LLaVA-KD's
+            released code: the relation of the raw logits, ``L Lᵀ``.
     """
 
-    def __init__(self, on: Literal["logits", "hidden"] = "logits", normalize: bool = True) -> None:
+    def __init__(self, on: Literal["logits", "hidden"] = "logits", normalize: bool = False) -> None:
         super().__init__()
         self.on = on
         self.loss = RDist(normalize=normalize)

@@ -45,14 +45,14 @@ class DPOObjective(Objective):
 
     Args:
         beta: Strength of the implicit KL regulariser.
-        loss_type: ``sigmoid`` (DPO) or ``ipo``.
+        loss_type: ``sigmoid`` (DPO), ``ipo``, ``hinge`` or ``kto_pair`` (LLaVA-MoD's default; TRL 0.7's forms).
         label_smoothing: Conservative DPO's ε, sigmoid loss only.
     """
 
     reads = "preference"
     needs_teacher = False  # the reference comes from the task
 
-    def __init__(self, beta: float = 0.1, loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
+    def __init__(self, beta: float = 0.1, loss_type: Literal["sigmoid", "ipo", "hinge", "kto_pair"] = "sigmoid",
                  label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.loss = DPODistill(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)

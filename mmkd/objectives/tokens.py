@@ -6,7 +6,8 @@ recomputes them chunk by chunk from the final hidden states and LM heads.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import ClassVar, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -164,18 +165,34 @@ class TAIDObjective(TokenDivergenceObjective):
         temperature: Divides both sides' logits.
         scale_by_t2: Multiply by ``temperature**2``.
         chunk_size: Answer tokens per chunk of logits.
+        update_on: What drives the adaptive update: ``kl`` (this term) or ``ce`` (the cross-entropy to the
+            interpolated target, KL + its entropy: TAID's released code).
     """
 
     context: ClassVar[dict[str, str]] = {"total_steps": "total_steps"}
 
     def __init__(self, total_steps: int, t_start: float = 0.4, t_end: float = 1.0, alpha: float = 5e-4,
                  beta: float = 0.99, adaptive: bool = True, temperature: float = 1.0, scale_by_t2: bool = False,
-                 chunk_size: int = DEFAULT_CHUNK) -> None:
-        super().__init__(TAID(total_steps, t_start, t_end, alpha, beta, adaptive, temperature, scale_by_t2),
-                         chunk_size)
+                 chunk_size: int = DEFAULT_CHUNK, update_on: Literal["kl", "ce"] = "kl") -> None:
+        super().__init__(TAID(total_steps, t_start, t_end, alpha, beta, adaptive, temperature, scale_by_t2,
+                              update_on=update_on), chunk_size)
+        self._update: Tensor | None = None
 
-    def on_optimizer_step(self, value: Tensor) -> dict[str, float]:
-        self.loss.step(value.detach())
+    def forward(self, student: ModelOutput, teacher: ModelOutput, batch: DistillBatch) -> Tensor:
+        value = super().forward(student, teacher, batch)
+        if self.loss.update_on != "kl":
+            self._update = self.loss.update_value(value)  # also clears the entropy of these rows
+        return value
+
+    def extras(self) -> dict[str, Tensor]:
+        if self._update is None:
+            return {}
+        value, self._update = self._update, None
+        return {"update": value}
+
+    def on_optimizer_step(self, value: Tensor, extras: Mapping[str, Tensor] | None = None) -> dict[str, float]:
+        # The update's value: this term's global mean, or (update_on="ce") the global mean of its cross-entropy.
+        self.loss.step((extras or {}).get("update", value).detach())
         return {"t": float(self.loss.interpolation)}
 
 

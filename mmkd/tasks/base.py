@@ -104,11 +104,16 @@ class ObjectiveTask:
     def frozen_models(self) -> dict[str, nn.Module]:
         return {}
 
+    def objective_terms(self, name: str, value: Tensor) -> dict[str, Tensor]:
+        """An objective's term and its extras (``<name>_<key>``), as a task's ``losses`` returns them."""
+        return {name: value, **{f"{name}_{k}": v for k, v in self.objectives[name].extras().items()}}
+
     def on_optimizer_step(self, means: Mapping[str, Tensor]) -> dict[str, float]:
         logged: dict[str, float] = {}
         for name, objective in self.objectives.items():
             if name in means:
-                for key, value in objective.on_optimizer_step(means[name]).items():
+                extras = {k[len(name) + 1:]: v for k, v in means.items() if k.startswith(f"{name}_")}
+                for key, value in objective.on_optimizer_step(means[name], extras).items():
                     logged[f"{name}_{key}"] = value
         return logged
 

@@ -18,7 +18,8 @@ class CLIPTask(ObjectiveTask):
     """A CLIP student's embeddings of image-caption pairs against a frozen CLIP teacher's.
 
     The stage names one contrastive objective (``clip_kd``); its unweighted parts are logged beside it as
-    ``clip_similarity``, ``clip_embedding`` and ``clip_contrastive``.
+    ``clip_similarity``, ``clip_embedding``, ``clip_contrastive`` and ``clip_icl``. After every optimizer step the
+    student's logit scale is clamped to ``[0, ln 100]``.
 
     Args:
         objectives: The stage's objectives by recipe name.
@@ -44,4 +45,11 @@ class CLIPTask(ObjectiveTask):
             t = teacher(images, text)
         loss, parts = self.objective(out, t)
         return {self.name: loss, "clip_similarity": parts["kd"], "clip_embedding": parts["embedding"],
-                "clip_contrastive": parts["contrastive"]}
+                "clip_contrastive": parts["contrastive"], "clip_icl": parts["icl"]}
+
+    def after_optimizer_step(self, student: nn.Module) -> None:
+        """The student's logit scale stays in ``[0, ln 100]`` (open_clip and CLIP-KD clamp it after every step)."""
+        from mmkd.losses import clamp_logit_scale_
+
+        for scale in student.parts().get("logit_scale", []):
+            clamp_logit_scale_(scale)

@@ -20,9 +20,12 @@ class PreferenceTask(ObjectiveTask):
 
     The stage names exactly one preference objective (``dpo``) and optionally token objectives, computed on the
     chosen answers (``lm``: the NLL of the chosen answer, a common regulariser; a distillation objective compares
-    with the teacher there). Reference log-probabilities are computed under ``no_grad`` by a frozen model that is
-    neither a submodule nor in the optimizer or the checkpoint; ``initial_student`` is a frozen copy taken when the
-    stage is built (on resume the runner rebuilds the stage's starting student first, so the copy is the same).
+    with the teacher there). An MoE student's router loss is the mean over the chosen and the rejected passes
+    (LLaVA-MoD adds both: with twice its coefficient this is the same sum).
+
+    Reference log-probabilities are computed under ``no_grad`` by a frozen model that is neither a submodule nor in
+    the optimizer or the checkpoint; ``initial_student`` is a frozen copy taken when the stage is built (on resume
+    the runner rebuilds the stage's starting student first, so the copy is the same).
 
     Args:
         objectives: The stage's objectives by recipe name.
@@ -100,7 +103,8 @@ class PreferenceTask(ObjectiveTask):
                 with torch.no_grad():
                     teacher_chosen = teacher(**batch.chosen.teacher_side()[0].kwargs(), output_hidden_states=hidden)
         for token_name, objective in self.tokens.items():
-            terms[token_name] = objective(outs["chosen"], teacher_chosen, batch.chosen)
-        if outs["chosen"].aux_loss is not None:
-            terms[AUX_LOSS] = outs["chosen"].aux_loss
+            terms.update(self.objective_terms(token_name, objective(outs["chosen"], teacher_chosen, batch.chosen)))
+        aux = [out.aux_loss for out in outs.values() if out.aux_loss is not None]
+        if aux:  # the router loss of both passes (LLaVA-MoD adds the rejected pass's too), as their mean
+            terms[AUX_LOSS] = sum(aux) / len(aux)
         return terms

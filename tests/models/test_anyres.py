@@ -62,3 +62,32 @@ def test_distillation_batch_with_an_any_resolution_teacher(onevision: LlavaModel
     assert all(torch.isfinite(v) for v in terms.values()) and float(terms["rdist"]) > 0
     terms["loss"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parts()["projector"])
+
+
+def test_a_2x2_tiled_teacher_pairs_only_its_base_grid(onevision: LlavaModel, tiny_dirs) -> None:
+    """LLaVA-KD's visual terms with an any-resolution teacher compare each image's base grid (the tiles have no
+    student counterpart): checked against an explicit computation on the first 16 tokens of each teacher image."""
+    import torch.nn.functional as F
+
+    from mmkd.objectives import MDistObjective, RDistObjective
+
+    student = MLLMStudent.from_pretrained(tiny_dirs["mllm-student"])
+    big = _image((64, 64), 7)  # 64x64 on 32-pixel tiles: the base image, then a 2x2 tiling
+    records = [{"id": "big", "images": [big], "messages": [{"role": "user", "content": "<image>\\nColour?"},
+                                                             {"role": "assistant", "content": "red"}]}]
+    batch = MultimodalCollator.for_models(student, onevision, max_length=400)(records)
+    with torch.no_grad():
+        s_out = student(**batch.inputs.kwargs())
+        t_out = onevision(**batch.teacher_inputs.kwargs())
+    assert t_out.image_base_tokens == 16 == s_out.image_base_tokens
+    t_pos = t_out.visual_mask[0].nonzero().flatten()
+    assert len(t_pos) > 4 * 16  # base grid + four tiles (+ newline tokens)
+    s_pos = s_out.visual_mask[0].nonzero().flatten()
+    s_logits = s_out.logits(s_out.last_hidden[0, s_pos]).float()
+    t_logits = t_out.logits(t_out.last_hidden[0, t_pos[:16]]).float()  # the base grid: the first 16
+    kl = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True, reduction="batchmean")
+    visual = MDistObjective(response_weight=0.0, visual_weight=1.0)(s_out, t_out, batch)
+    torch.testing.assert_close(visual, kl, rtol=1e-4, atol=1e-6)
+    gram_s, gram_t = s_logits @ s_logits.t(), t_logits @ t_logits.t()
+    rel = 1 - F.cosine_similarity(gram_s.flatten(), gram_t.flatten(), dim=0)
+    torch.testing.assert_close(RDistObjective()(s_out, t_out, batch), rel, rtol=1e-4, atol=1e-6)

@@ -132,7 +132,7 @@ def test_upcycled_mllm_student_equals_dense_and_has_aux_loss(tiny_dirs, batch) -
     upcycled = UpcycleToMoE(num_experts=4, top_k=2, every=2, router_aux_loss_coef=0.01)(student)
     assert upcycled is student
     assert upcycled.hf.config.text_config.model_type == "qwen2_moe"
-    assert set(upcycled.parts()) == {"vision_tower", "projector", "language_model", "experts", "router"}
+    assert set(upcycled.parts()) == {"vision_tower", "projector", "language_model", "ffn", "experts", "router"}
     _randomise_routers(upcycled, 7)
     out = upcycled(**batch)
     torch.testing.assert_close(out.logits(), ref, rtol=1e-5, atol=1e-5)
@@ -238,3 +238,26 @@ def test_placement_and_reduction_errors_are_one_line() -> None:
         upcycle_to_moe(_qwen2(), 4, 2, router_layer_reduction="max")
     with pytest.raises(ValueError, match="router_layer_reduction='max'"):
         UpcycleToMoE(router_layer_reduction="max")
+
+
+def test_the_ffn_part_is_every_feed_forward_projection_of_the_lm(tiny_dirs):
+    """LLaVA-MoD trains the dense layers' MLPs and the experts (plus routers and projector): the ``ffn`` part."""
+    from mmkd.models import MLLMStudent, UpcycleToMoE
+
+    student = UpcycleToMoE(4, 2, every=2, first_moe_layer=0)(MLLMStudent.from_pretrained(tiny_dirs["mllm-student"]))
+    parts = student.parts()
+    names = {id(p): n for n, p in student.hf.named_parameters()}
+    ffn = {names[id(p)] for p in parts["ffn"]}
+    # an independent count from the parameter names: every .mlp. weight of the language model but the routers
+    expected = {n for n in names.values()
+                if "language_model" in n and ".mlp." in n and not n.endswith(".mlp.gate.weight")}
+    assert ffn == expected
+    assert any("experts" in n for n in ffn) and any(n.endswith("mlp.gate_proj.weight") for n in ffn)  # both kinds
+    assert not any("self_attn" in n or "norm" in n or "vision" in n or "projector" in n for n in ffn)
+    ffn_ids = {id(p) for p in parts["ffn"]}
+    assert ffn_ids <= {id(p) for p in parts["language_model"] + parts["experts"]}  # a view over them
+    # what LLaVA-MoD's sparse stages train, counted from the names: projector + feed-forward layers + routers
+    trained = {id(p): p for part in ("projector", "ffn", "router") for p in parts[part]}
+    by_name = sum(p.numel() for n, p in student.hf.named_parameters()
+                  if n in expected or "multi_modal_projector" in n or n.endswith(".mlp.gate.weight"))
+    assert sum(p.numel() for p in trained.values()) == by_name

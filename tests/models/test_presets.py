@@ -18,7 +18,7 @@ def test_presets_write_loadable_folders(tiny_dirs) -> None:
     assert n(teacher) > n(student)
     assert teacher.tokenizer.get_vocab() == student.tokenizer.get_vocab() == moe.tokenizer.get_vocab()
     assert teacher.num_image_tokens == student.num_image_tokens == moe.num_image_tokens == 16
-    assert set(moe.parts()) == {"vision_tower", "projector", "language_model", "experts", "router"}
+    assert set(moe.parts()) == {"vision_tower", "projector", "language_model", "ffn", "experts", "router"}
     cfg = json.loads((tiny_dirs["clip-teacher"] / "open_clip_config.json").read_text())
     assert cfg["model_cfg"]["vision_cfg"]["image_size"] == 32
 

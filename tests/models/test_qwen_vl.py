@@ -48,7 +48,7 @@ def test_the_protocol_and_dynamic_counts(qwen):
     assert counts == [16, 32, 35] and not teacher._fixed_image_tokens  # (h/8) x (w/8) merged 2x2 patches
     inputs = teacher.image_inputs([_image(SIZES[1], 0)])
     assert set(inputs) == {"pixel_values", "image_grid_thw"} and inputs["image_grid_thw"].tolist() == [[1, 8, 16]]
-    assert {"vision_tower", "projector", "language_model"} == set(teacher.parts())
+    assert {"vision_tower", "projector", "language_model", "ffn"} == set(teacher.parts())
     merger = {id(p) for p in teacher.hf.model.visual.merger.parameters()}
     assert merger == {id(p) for p in teacher.parts()["projector"]}  # the merger is the projector, not the tower
 

@@ -3,6 +3,8 @@
 import copy
 import math
 
+import pytest
+
 
 def test_clip_distillation_step(tmp_path, make_module):
     from mmkd.data import CaptionPairs
@@ -49,3 +51,32 @@ def test_unreadable_records_give_a_zero_weight_stand_in(tmp_path, make_module):
     assert all(math.isfinite(float(v)) for v in terms.values())
     (terms["loss"] * 0.0).backward()
     assert all(p.grad is None or not p.grad.any() for p in student.parts()["vision_tower"])
+
+
+def test_the_students_logit_scale_is_clamped_after_each_step(tmp_path, make_module):
+    """open_clip and CLIP-KD clamp the student's (log) logit scale to [0, ln 100] after every optimizer step."""
+    import lightning as L
+    import torch
+
+    from mmkd.data import CaptionPairs
+    from mmkd.data.clip import CLIPCollator
+    from mmkd.data.synth import synth_sqa
+    from mmkd.models import CLIPModel
+    from mmkd.models.presets import build_tiny
+
+    synth_sqa(tmp_path / "sqa", 40, 0, tokenizer=False)
+    teacher = CLIPModel(str(build_tiny("clip-teacher", str(tmp_path / "t"), tokenizer="", seed=0)))
+    student = CLIPModel(str(build_tiny("clip-student", str(tmp_path / "s"), tokenizer="", seed=1)))
+    data = CaptionPairs(tmp_path / "sqa" / "captions.json", tmp_path / "sqa" / "images")
+    batch = CLIPCollator.for_models(student, teacher)([data[i] for i in range(6)])
+    with torch.no_grad():
+        student.model.logit_scale.fill_(9.0)  # exp(9) = 8103: beyond CLIP's cap of 100
+    module = make_module(student, teacher, {"clip_kd": 1.0}, {"clip_kd": {"icl_weight": 1.0}}, task="clip",
+                         train_parts=["logit_scale"], total_steps=1, optimizer={"name": "sgd", "lr": 1e-3})
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None))
+    assert float(student.model.logit_scale) == pytest.approx(math.log(100))
+    assert "train/clip_icl" in trainer.callback_metrics  # the ICL term ran, with its own scale in the optimizer
+    icl = module.objectives["clip_kd"].loss.icl_logit_scale
+    assert any(icl is p for g in trainer.optimizers[0].param_groups for p in g["params"])

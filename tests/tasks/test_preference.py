@@ -73,3 +73,21 @@ def test_a_stand_in_preference_batch_gives_finite_terms(tiny_assets, models, mak
     (terms["loss"] * 0.0).backward()
     grads = [p.grad for p in student.parts()["language_model"] if p.grad is not None]
     assert grads and all(not g.any() for g in grads)
+
+
+def test_an_moe_students_router_loss_covers_both_answers(tiny_assets, models, make_module):
+    """LLaVA-MoD adds the rejected pass's router loss too: the stage's aux term is the mean of both passes'."""
+    from mmkd.models import UpcycleToMoE
+
+    teacher, dense = (copy.deepcopy(m) for m in models)
+    student = UpcycleToMoE(4, 2, every=1, router_aux_loss_coef=0.02)(dense)
+    batch = _preference_batch(tiny_assets, student, teacher)
+    module = make_module(student, teacher, {"dpo": 1.0}, {"dpo": {"loss_type": "kto_pair"}}, task="preference",
+                         train_parts=["ffn", "router"])
+    with torch.no_grad():
+        terms = module.compute_losses(batch)
+        chosen = student(**batch.chosen.inputs.kwargs()).aux_loss
+        rejected = student(**batch.rejected.inputs.kwargs()).aux_loss
+    assert float(chosen) != float(rejected)
+    torch.testing.assert_close(terms["aux"], (chosen + rejected) / 2)
+    torch.testing.assert_close(terms["loss"], terms["dpo"] + terms["aux"])

@@ -197,3 +197,36 @@ def test_a_short_last_step_of_an_epoch_gets_its_own_mean_and_taid_update(models,
     assert int(taid.num_steps) == 2  # one update per optimizer step, the short one included
     assert float(taid.prev_loss) == pytest.approx(float(last["taid"]), rel=1e-5)
     assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(float(last["loss"]), rel=1e-5)
+
+
+def test_taid_update_on_ce_steps_with_the_global_mean_of_the_cross_entropy(models, tiny_assets, tmp_path,
+                                                                           make_module):
+    """update_on='ce' (TAID's released code): t moves on the cross-entropy to the interpolated target, averaged over
+    the optimizer step's micro-batches, checked against a full-logits computation."""
+    import torch.nn.functional as F
+
+    from mmkd.data import MultimodalCollator, ScienceQA
+    from mmkd.objectives import answer_positions
+
+    teacher, student = (copy.deepcopy(m) for m in models)
+    data = ScienceQA(tiny_assets["sqa"], "train")
+    collate = MultimodalCollator.for_models(student, teacher, max_length=160)
+    batches = [collate([data[i] for i in range(0, 3)]), collate([data[i] for i in range(3, 7)])]
+    module = make_module(student, teacher, {"taid": 1.0}, {"taid": {"update_on": "ce"}}, train_parts=["projector"],
+                         total_steps=1, optimizer={"name": "sgd", "lr": 0.0})
+    ce = []
+    with torch.no_grad():
+        for b in batches:  # the cross-entropy -sum p_t log p_S over answer tokens, p_t at t = t_start = 0.4
+            s, t = student(**b.inputs.kwargs()), teacher(**b.teacher_side()[0].kwargs())
+            zs = s.logits(s.last_hidden[answer_positions(b.labels)]).float()
+            zt = t.logits(t.last_hidden[answer_positions(b.teacher_side()[1])]).float()
+            target = F.softmax(0.6 * zs + 0.4 * zt, -1)
+            ce.append(float(-(target * F.log_softmax(zs, -1)).sum(-1).mean()))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2,
+                        default_root_dir=tmp_path)
+    trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    taid = module.objectives["taid"].loss
+    assert float(taid.prev_loss) == pytest.approx(sum(ce) / 2, rel=1e-5)
+    assert float(trainer.callback_metrics["train/taid_update"]) == pytest.approx(sum(ce) / 2, rel=1e-5)
+    assert float(trainer.callback_metrics["train/taid"]) < sum(ce) / 2  # the KL itself: CE minus the entropy
