@@ -4,7 +4,6 @@ plus its processor, behind the output contract."""
 from __future__ import annotations
 
 import inspect
-import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +14,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, ProcessorMixin
 
 from mmkd.contract import ModelInputs, ModelOutput
+from mmkd.models.inputs import ImageTextInputs
 from mmkd.models.loading import load_image_text
 from mmkd.models.moe import RouterLossCollector
 
@@ -53,26 +53,18 @@ class ImageTextModel(nn.Module):
         # Rows of the LM head exposed in ModelOutput; set by align_vocab so teacher and student logits line up.
         self.vocab_limit: int | None = None
         self._routers = RouterLossCollector.attach(hf, _text_config(hf))
-        tok = processor.tokenizer
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        self.image_token: str = getattr(processor, "image_token", None) or "<image>"
-        # The text that stands for one image in a prompt: the image token itself for LLaVA-class processors; the
-        # token between the vision start and end tokens for families that declare them (Qwen2-VL, Qwen2.5-VL, ...).
-        self.image_prompt: str = self.image_token
-        start, end = (getattr(hf.config, f"vision_{k}_token_id", None) for k in ("start", "end"))
-        if start is not None and end is not None:
-            self.image_prompt = tok.convert_ids_to_tokens(start) + self.image_token + tok.convert_ids_to_tokens(end)
+        # The input side (tokenizer, image token and prompt, visual-token counts, image processor): what the
+        # collators read, shared with a weight-free view of the same model (ImageTextInputs.from_pretrained).
+        self.inputs_view = ImageTextInputs(processor, hf.config)
+        view = self.inputs_view
+        self.image_token, self.image_token_id, self.image_prompt = view.image_token, view.image_token_id, \
+            view.image_prompt
+        self.num_image_tokens, self._fixed_image_tokens = view.num_image_tokens, view.fixed_image_tokens
+        self.image_base_tokens = view.image_base_tokens
         # Families whose forward takes the text's modality types (Qwen2.5-VL's 3-D rotary positions) get them from
         # the image token positions, as their processor would give them.
         self._takes_token_types = "mm_token_type_ids" in inspect.signature(
             getattr(hf, hf.base_model_prefix).forward).parameters
-        cfg_id = getattr(hf.config, "image_token_id", None)
-        if cfg_id is None:
-            cfg_id = getattr(hf.config, "image_token_index", None)
-        self.image_token_id: int = int(cfg_id if cfg_id is not None else tok.convert_tokens_to_ids(self.image_token))
-        self.num_image_tokens, self._fixed_image_tokens = self._probe_image_tokens()
-        self.image_base_tokens = self._base_grid_tokens()
         if gradient_checkpointing:
             self.gradient_checkpointing_enable()
 
@@ -103,48 +95,12 @@ class ImageTextModel(nn.Module):
     @property
     def image_size(self) -> tuple[int, int]:
         """``(H, W)`` of the pixel values the image processor produces."""
-        ip = self.processor.image_processor
-        size = getattr(ip, "crop_size", None) or getattr(ip, "size", None) or {}
-        size = size if isinstance(size, dict) else dict(size)
-        if "height" in size:
-            return int(size["height"]), int(size["width"])
-        edge = int(size.get("shortest_edge", 224))
-        return edge, edge
-
-    def _base_grid_tokens(self) -> int | None:
-        """Visual tokens of each image's base grid (``ModelOutput.image_base_tokens``), or None.
-
-        A fixed-resolution family's image is one square grid; an any-resolution LLaVA (NeXT, OneVision) puts the
-        base image's ``(size / patch)²`` grid first, then the tiles; a dynamic-resolution family (Qwen-VL) has no
-        grid common to its images.
-        """
-        if self._fixed_image_tokens:
-            side = math.isqrt(self.num_image_tokens)
-            return self.num_image_tokens if side * side == self.num_image_tokens else None
-        vision = getattr(self.hf.config, "vision_config", None)
-        if getattr(self.hf.config, "image_grid_pinpoints", None) and vision is not None:
-            return (int(vision.image_size) // int(vision.patch_size)) ** 2
-        return None
-
-    def _count_by_processor(self, image: Image.Image) -> int:
-        enc = self.processor(text=self.image_token, images=[image.convert("RGB")], return_tensors="pt")
-        return int((enc["input_ids"] == self.image_token_id).sum())
-
-    def _probe_image_tokens(self) -> tuple[int, bool]:
-        """Visual tokens of an image of the processor's size, and whether every image gets that many.
-
-        Asks the processor itself, so models whose count differs from (size/patch)^2 are right too. A family whose
-        count depends on the image (any-resolution tiling, dynamic resolution) gives another count for an image
-        twice as wide.
-        """
-        h, w = self.image_size
-        nominal = self._count_by_processor(Image.new("RGB", (w, h)))
-        return nominal, self._count_by_processor(Image.new("RGB", (2 * w, h))) == nominal
+        return self.inputs_view.image_size
 
     # -- contract -------------------------------------------------------------------------------------------
     def token_types(self, input_ids: Tensor) -> Tensor:
         """``(B, T)`` modality of each token as the family's processor marks it: 1 on image tokens, 0 on text."""
-        return (input_ids == self.image_token_id).to(torch.int32)
+        return self.inputs_view.token_types(input_ids)
 
     def _cast_images(self, images: dict[str, Tensor]) -> dict[str, Tensor]:
         """Floating image inputs in the compute dtype (integer ones, such as ``image_grid_thw``, unchanged)."""
@@ -289,36 +245,16 @@ class ImageTextModel(nn.Module):
         return out[:, prompt_len:]
 
     def image_inputs(self, images: list[Image.Image]) -> dict[str, Tensor]:
-        """The model's image inputs for ``images`` (in batch order), from its own image processor.
-
-        ``{"pixel_values": (N, 3, H, W)}`` for fixed-resolution families; any-resolution families (LLaVA-NeXT,
-        LLaVA-OneVision) add what their forward needs, e.g. ``image_sizes (N, 2)``, and their ``pixel_values``
-        hold the patches of each image.
-        """
-        if not images:
-            return {}
-        enc = self.processor.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
-        return {k: v for k, v in enc.items() if isinstance(v, Tensor)}
+        """The model's image inputs for ``images`` (the image processor's whole output; see ImageTextInputs)."""
+        return self.inputs_view.image_inputs(images)
 
     def image_token_count(self, image: Image.Image) -> int:
-        """Visual tokens this model's sequence holds for ``image``: its processor's own count.
-
-        Fixed-resolution families always give :attr:`num_image_tokens`; any-resolution ones depend on the
-        image's size (asked through the processor's token arithmetic, else by running it on the image).
-        """
-        if self._fixed_image_tokens:
-            return self.num_image_tokens
-        count = getattr(self.processor, "_get_num_multimodal_tokens", None)
-        if count is not None:
-            return int(count(image_sizes=[(image.height, image.width)])["num_image_tokens"][0])
-        return self._count_by_processor(image)
+        """Visual tokens this model's sequence holds for ``image``: its processor's own count."""
+        return self.inputs_view.image_token_count(image)
 
     def preprocess_images(self, images: list[Image.Image]) -> Tensor:
         """PIL images to ``(N, 3, H, W)`` pixel values with this model's own image processor."""
-        if not images:
-            h, w = self.image_size
-            return torch.empty(0, 3, h, w)
-        return self.image_inputs(images)["pixel_values"]
+        return self.inputs_view.preprocess_images(images)
 
     # -- loading ----------------------------------------------------------------------------------------------
     def _load_into(self, path: str, *, quantize: str | None = None, gradient_checkpointing: bool = False,
