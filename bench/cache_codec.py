@@ -208,6 +208,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    report(args.tokens, args.seed)
+
+
+def report(tokens: int, seed: int) -> None:
+    """Measure every case and print the tables (bench/cache.py prints them too)."""
+    args = argparse.Namespace(tokens=tokens, seed=seed)
     tmp = Path(tempfile.mkdtemp(prefix="mmkd-cache-bench-"))
     rows, layouts, full_vs_reduced = [], {}, {}
     try:

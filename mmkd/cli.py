@@ -1,4 +1,4 @@
-"""The ``mmkd`` command: fit, eval, export and data.
+"""The ``mmkd`` command: fit, cache, eval, export, data and demo.
 
 Imports are lazy so that ``mmkd --help`` and bad-input errors answer without loading the training stack.
 Errors a user can cause end with one line on stderr and exit code 2; a failed stage ends with exit code 1.
@@ -12,12 +12,14 @@ from typing import Any
 
 __all__ = ["main"]
 
-USAGE = """usage: mmkd [-h] {fit,eval,export,data,demo} ...
+USAGE = """usage: mmkd [-h] {fit,cache,eval,export,data,demo} ...
 
 Distill large vision-language teachers into small multimodal students.
 
 subcommands:
   fit       Run (or resume) every stage of a recipe:  mmkd fit RECIPE.yaml [--stage S] [--KEY VALUE ...]
+  cache     Run a stage's teacher once and store its top-k log-probs:  mmkd cache RECIPE.yaml --stage S
+            Re-check a cache:  mmkd cache --verify DIR
   eval      Score a student or teacher on a ScienceQA-style benchmark:  mmkd eval MODEL --data sqa:DIR
             Score an answer file from any tool:  mmkd eval score ANSWERS.jsonl --data sqa:DIR
   export    Write a run's student as a plain Hugging Face folder:  mmkd export RUN_DIR --out DIR
@@ -138,6 +140,69 @@ def _fit(argv: list[str], echo: Callable[[str], None]) -> int:
     return 0
 
 
+CACHE_HELP = """usage: mmkd cache RECIPE.yaml --stage NAME [--out DIR] [--top-k K] [--batch-size N] [--codec packed|raw]
+                  [--KEY.PATH VALUE ...]
+       mmkd cache --verify DIR
+
+Run the stage's teacher once over the stage's data, with the stage's collator (same prompts, images and answer
+tokens), under the stage's strategy and precision, and store per record what its losses read: the teacher's top-k
+log-probs at the answer positions (distillation stages) or its log-probs of both answers (preference stages).
+Kill it and run it again: it continues after the last complete shard. A stage reads the cache with
+task_args.teacher_cache (docs/cache.md).
+
+options:
+  --stage NAME          The stage to cache (required).
+  --out DIR             Cache folder (default: the stage's task_args.teacher_cache, else RUN_DIR/caches/NAME).
+  --top-k K             Entries per position (default: the stage's topk_kl k, else 64).
+  --batch-size N        Records per teacher forward (default: the stage's micro-batch).
+  --codec C             packed (about 2 bytes per entry, default) or raw (exact float32).
+  --shard-records N     Records per shard (default 4096).
+  --verify DIR          Re-check every shard's checksum and the index of the cache in DIR, and exit.
+  --KEY.PATH VALUE      Override any recipe value, as for mmkd fit.
+"""
+
+
+def _cache(argv: list[str], echo: Callable[[str], None]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(CACHE_HELP)
+        return 0 if argv else 2
+    if argv[0] == "--verify" or argv[0].startswith("--verify="):
+        folder = argv[0].split("=", 1)[1] if "=" in argv[0] else (argv[1] if len(argv) > 1 else None)
+        if folder is None:
+            raise UsageError("cache --verify: expected a cache folder")
+        from mmkd.train.cache import verify_command
+
+        verify_command(folder)
+        return 0
+    path, rest = _split_recipe_path(argv)
+    if path is None:
+        raise UsageError("cache: expected a recipe file: mmkd cache RECIPE.yaml --stage NAME (see mmkd cache --help)")
+    for dashed in ("--top-k", "--batch-size", "--shard-records"):
+        rest = [a.replace(dashed, dashed.replace("-", "_").replace("__", "--", 1), 1) if a.startswith(dashed) else a
+                for a in rest]
+
+    def cache_options(parser: Any) -> None:
+        parser.add_argument("--stage", type=str | None, default=None, help="The stage to cache.")
+        parser.add_argument("--out", type=str | None, default=None, help="Cache folder.")
+        parser.add_argument("--top_k", type=int | None, default=None, help="Entries per position.")
+        parser.add_argument("--batch_size", type=int | None, default=None, help="Records per teacher forward.")
+        parser.add_argument("--codec", type=str, default="packed", help="packed or raw.")
+        parser.add_argument("--shard_records", type=int | None, default=None, help="Records per shard.")
+
+    from mmkd.train.recipe import load_recipe
+
+    recipe = load_recipe(path, rest, extra_arguments=cache_options)
+    stage = recipe.options.get("stage")
+    if not stage:
+        raise UsageError("cache: --stage NAME is required (the stage whose teacher is cached)")
+    from mmkd.train.cache import cache_stage
+
+    cache_stage(recipe, stage, out=recipe.options.get("out"), top_k=recipe.options.get("top_k"),
+                batch_size=recipe.options.get("batch_size"), codec=recipe.options.get("codec") or "packed",
+                shard_records=recipe.options.get("shard_records"), echo=echo)
+    return 0
+
+
 def _print_summary(rows: list[dict[str, Any]], run_dir: Any) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -247,10 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mmkd {__version__}")
         return 0
     command, rest = args[0], args[1:]
-    commands = {"fit": lambda: _fit(rest, echo=print), "eval": lambda: _eval(rest),
+    commands = {"fit": lambda: _fit(rest, echo=print), "cache": lambda: _cache(rest, echo=print),
+                "eval": lambda: _eval(rest),
                 "export": lambda: _export(rest), "data": lambda: _data(rest), "demo": lambda: _demo(rest)}
     if command not in commands:
-        return _fail(f"unknown subcommand {command!r} (expected one of fit, eval, export, data, demo)")
+        return _fail(f"unknown subcommand {command!r} (expected one of fit, cache, eval, export, data, demo)")
     try:
         return commands[command]()
     except _user_errors() as err:

@@ -27,6 +27,7 @@ __all__ = [
     "ModelOutput",
     "PreferenceBatch",
     "PromptBatch",
+    "TeacherTopK",
     "VisionLanguageModel",
 ]
 
@@ -215,6 +216,28 @@ class ModelInputs:
 
 
 @dataclass
+class TeacherTopK:
+    """The teacher's next-token distributions at a batch's answer positions, as a teacher cache stores them.
+
+    Rows follow the batch's answer positions in row-major order (sample by sample, left to right), the same order as
+    ``student.last_hidden[answer_positions(labels)]``.
+
+    Attributes:
+        ids: ``(N, K)`` long, the teacher's top-k token ids.
+        logprobs: ``(N, K)`` float32, its log-probabilities at them (temperature 1).
+        log_tail: ``(N,)`` float32, the log of its probability outside the top-k.
+    """
+
+    ids: Tensor
+    logprobs: Tensor
+    log_tail: Tensor
+
+    @property
+    def k(self) -> int:
+        return int(self.ids.shape[-1])
+
+
+@dataclass
 class DistillBatch:
     """A training batch of labelled sequences for the student and, when its inputs differ, for the teacher.
 
@@ -233,6 +256,11 @@ class DistillBatch:
         prompt: The same samples' generation prompts (left padded), for tasks that generate answers; None unless
             the task's collator was asked for them.
         teacher_prompt: The teacher's own prompts, when its inputs differ.
+        keys: Each sample's teacher-cache key (:func:`mmkd.cache.record_key` of what the teacher sees), when the
+            collator was asked for them; empty otherwise.
+        teacher_topk: The teacher's top-k at the answer positions, read from a teacher cache; None otherwise.
+        teacher_logprobs: ``(B,)`` the teacher's summed answer log-probabilities, read from a teacher cache
+            (preference batches); None otherwise.
     """
 
     inputs: ModelInputs
@@ -244,6 +272,9 @@ class DistillBatch:
     ids: list[str] = field(default_factory=list)
     prompt: ModelInputs | None = None
     teacher_prompt: ModelInputs | None = None
+    keys: list[str] = field(default_factory=list)
+    teacher_topk: TeacherTopK | None = None
+    teacher_logprobs: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -286,12 +317,14 @@ class PreferenceBatch:
         rejected: The rejected answers, row by row the same prompts.
         standin: As in :class:`DistillBatch`.
         data_stats: What the collator counted (pairs).
+        keys: Each pair's teacher-cache key (both of the teacher's sequences, chosen first), when asked for.
     """
 
     chosen: DistillBatch
     rejected: DistillBatch
     standin: bool = False
     data_stats: dict[str, int] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)
 
     @property
     def size(self) -> int:

@@ -24,9 +24,9 @@ def tiny_assets(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def models(tiny_assets):
     """The tiny LLaVA-class teacher and a tiny MLLM student, loaded from their folders."""
-    from mmkd.models import LlavaModel, MLLMStudent
-
     import torch
+
+    from mmkd.models import LlavaModel, MLLMStudent
 
     teacher = LlavaModel(tiny_assets["teacher"])
     torch.manual_seed(0)  # the fresh projector: the same whichever tests ran before

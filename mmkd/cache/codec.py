@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-import torch.nn.functional as F
 from torch import Tensor
 
 from mmkd.cache.bits import BitReader, BitWriter, choose_codes, golomb_join, golomb_split, golomb_widths
+from mmkd.losses.topk import topk_from_logits
 
 __all__ = ["CODECS", "PackedCodec", "RawCodec", "TopKCodec", "build_codec", "check_topk", "teacher_topk"]
 
@@ -29,23 +29,9 @@ _LOGPROB_SLACK = 1e-4
 _MASS_SLACK = 1e-3
 
 
-def teacher_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k ids, log-probabilities and the log tail mass of full teacher logits, as the cache stores them.
-
-    The tail is a log-sum-exp over the ids outside the top-k, so it keeps its precision when it is tiny (1 − Σp
-    in float32 would not). Divide the logits by the cache's temperature first.
-
-    Args:
-        logits: ``(..., V)``, any float dtype.
-        k: Entries per position.
-
-    Returns:
-        ids ``(..., K)`` long (by decreasing probability), log-probs ``(..., K)`` float32, log tail ``(...)`` float32.
-    """
-    logp = F.log_softmax(logits.float(), dim=-1)
-    values, ids = logp.topk(k, dim=-1)
-    log_tail = logp.scatter(-1, ids, float("-inf")).logsumexp(-1)
-    return ids, values, log_tail
+# What the cache stores of a teacher's logits: the loss's own top-k (ids, log-probs, log tail), one function for the
+# writer and for a live teacher, so both give TopKKL the same numbers.
+teacher_topk = topk_from_logits
 
 
 def check_topk(

@@ -217,6 +217,17 @@ class CacheReader:
             self._open[i] = shard
         return shard
 
+    def check_shards(self) -> None:
+        """Open every shard once (size against the index, header digest, content digest) and close it again, so a
+        truncated or replaced shard is found now rather than at the first record read from it.
+
+        Raises:
+            CorruptShardError: Names the first bad shard.
+        """
+        for i in range(len(self.index.shards)):
+            self._shard(i)
+        self._open = {}
+
     def get(self, key: str) -> CacheRecord:
         """The record's tensors.
 

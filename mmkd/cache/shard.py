@@ -229,13 +229,20 @@ class ShardReader:
             start, stop = int(self.offsets[c][row]), int(self.offsets[c][row + 1])
             if not 0 <= start <= stop <= self._slices[c].get_shape()[0]:
                 raise CorruptShardError(f"{self.path}: record {row} has column {c} rows outside the shard")
-            columns[c] = self._slices[c][start:stop]
+            columns[c] = self._slices[c][start:stop] if stop > start else self._empty(c)
         if record_crc(self.keys[row].tobytes(), count, flags, seq, columns) != int(self.crc32[row]):
             raise CorruptShardError(
                 f"{self.path}: record {row} ({self.keys[row].tobytes().hex()}) fails its checksum: the shard is "
                 "corrupted (run verify, then remove the shard and rewrite it)"
             )
         return count, flags, seq, columns
+
+    def _empty(self, column: str) -> np.ndarray:
+        """A zero-row array of a column's dtype and row shape (safetensors refuses an empty slice of an empty
+        tensor, as a shard of records without top-k has)."""
+        rows = self._slices[column].get_shape()[0]
+        whole = self._slices[column][0:1] if rows else self._file.get_tensor(f"col.{column}")
+        return whole[:0]
 
     def tensors(self) -> dict[str, np.ndarray]:
         """Every tensor of the shard, read whole (for :func:`content_digest`)."""

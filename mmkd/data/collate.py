@@ -249,6 +249,7 @@ class MultimodalCollator:
         image_token_count: ``Image -> int`` for a student whose visual-token count depends on the image.
         image_prompt: The text standing for one image in the student's prompt (default: ``image_token``).
         prompts: Also attach the generation prompts of the training samples (tasks that generate answers).
+        keys: Also attach each training sample's teacher-cache key (``DistillBatch.keys``, see :meth:`cache_key`).
     """
 
     def __init__(
@@ -265,6 +266,7 @@ class MultimodalCollator:
         image_token_count: Callable[[Image.Image], int] | None = None,
         image_prompt: str | None = None,
         prompts: bool = False,
+        keys: bool = False,
     ) -> None:
         if on_overflow not in ("truncate", "skip"):
             raise ValueError(f"on_overflow={on_overflow!r}: expected 'truncate' or 'skip'")
@@ -282,6 +284,7 @@ class MultimodalCollator:
             self.processors["teacher"] = teacher.image_processor
         self.train = train
         self.prompts = prompts and train
+        self.keys = keys and train
         self.on_overflow = on_overflow
         self.stats = {"samples": 0, "truncated": 0, "skipped_overflow": 0, "bad": 0}
 
@@ -365,6 +368,32 @@ class MultimodalCollator:
             out[name] = Encoded(ids, labels, prompt)
         return out
 
+    # -- teacher-cache keys ---------------------------------------------------------------------------------------
+
+    @property
+    def teacher_side_name(self) -> str:
+        """The side the teacher reads: its own when its inputs differ, else the student's."""
+        return "teacher" if "teacher" in self.sides else "student"
+
+    def _key(self, record: Record, row: dict[str, Encoded]) -> str:
+        """The cache key of an encoded training sample: the teacher's token ids, the rows of its logits that predict
+        answer tokens, and the record's images (:func:`mmkd.cache.record_key`)."""
+        from mmkd.cache.keys import record_key
+
+        side = row[self.teacher_side_name]
+        labels = side.labels
+        positions = [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX]
+        return record_key(side.input_ids, record.get("images", []), positions)
+
+    def cache_key(self, record: Record | None) -> str | None:
+        """The teacher-cache key of one record as a training batch would carry it, or None when the record is dropped
+        (unreadable, or skipped for length). Tokenizes and hashes; no image processing."""
+        if record is None:
+            return None
+        self._start()
+        row = self.encode(record)
+        return None if row is None else self._key(record, row)
+
     # -- batch --------------------------------------------------------------------------------------------------
 
     def _inputs(self, rows: list[list[int]], side: _Side, images: dict[str, Tensor], left: bool) -> ModelInputs:
@@ -386,7 +415,7 @@ class MultimodalCollator:
         return {name: _image_batch(self.processors[name](images)) for name in self.sides}
 
     def _labelled(self, rows: list[dict[str, Encoded]], images: dict[str, dict[str, Tensor]], standin: bool,
-                  stats: dict[str, int], ids: list[str]) -> DistillBatch:
+                  stats: dict[str, int], ids: list[str], keys: list[str] | None = None) -> DistillBatch:
         sides = {}
         for name, side in self.sides.items():
             sides[name] = (self._inputs([r[name].input_ids for r in rows], side, images[name], left=False),
@@ -396,7 +425,7 @@ class MultimodalCollator:
         teacher = sides.get("teacher", (None, None))
         return DistillBatch(sides["student"][0], sides["student"][1], teacher[0], teacher[1], standin=standin,
                             data_stats=stats, ids=ids, prompt=prompts.get("student"),
-                            teacher_prompt=prompts.get("teacher"))
+                            teacher_prompt=prompts.get("teacher"), keys=keys or [])
 
     def __call__(self, records: Sequence[Record | None]) -> DistillBatch | PromptBatch:
         self._start()
@@ -424,7 +453,8 @@ class MultimodalCollator:
                                        images["teacher"], left=True)
             inputs = self._inputs([r["student"].input_ids for r in rows], self.student, images["student"], left=True)
             return PromptBatch(inputs, ids, self._finish_stats(), teacher)
-        return self._labelled(rows, images, standin, self._finish_stats(), ids)
+        keys = [self._key(r, row) for r, row in zip(kept, rows)] if self.keys and not standin else []
+        return self._labelled(rows, images, standin, self._finish_stats(), ids, keys)
 
 
 class PreferenceCollator(MultimodalCollator):
@@ -440,21 +470,43 @@ class PreferenceCollator(MultimodalCollator):
             raise ValueError("PreferenceCollator: train=False is not supported; preference batches are for training")
         super().__init__(tokenizer, **kwargs)
 
+    def _pair(self, record: Record) -> dict[str, dict[str, Encoded] | None]:
+        pair: dict[str, dict[str, Encoded] | None] = {}
+        for name in ("chosen", "rejected"):
+            messages = [*record["messages"], {"role": "assistant", "content": record[name]}]
+            pair[name] = self.encode(record, messages)
+            if pair[name] is None:
+                break
+        return pair
+
+    def _pair_key(self, record: Record, pair: Mapping[str, dict[str, Encoded]]) -> str:
+        """A pair's cache key: the teacher's chosen and rejected sequences (in that order) and the images."""
+        from mmkd.cache.keys import record_key
+
+        side = self.teacher_side_name
+        return record_key([pair["chosen"][side].input_ids, pair["rejected"][side].input_ids], record.get("images", []))
+
+    def cache_key(self, record: Record | None) -> str | None:
+        if record is None:
+            return None
+        self._start()
+        pair = self._pair(record)
+        if pair["chosen"] is None or pair.get("rejected") is None:
+            return None
+        return self._pair_key(record, pair)
+
     def __call__(self, records: Sequence[Record | None]) -> PreferenceBatch:
         self._start()
-        kept, rows = [], {"chosen": [], "rejected": []}
+        kept, rows, keys = [], {"chosen": [], "rejected": []}, []
         for record in records:
             if record is None:
                 self._batch_stats["bad"] += 1
                 continue
-            pair = {}
-            for name in ("chosen", "rejected"):
-                messages = [*record["messages"], {"role": "assistant", "content": record[name]}]
-                pair[name] = self.encode(record, messages)
-                if pair[name] is None:
-                    break
+            pair = self._pair(record)
             if pair["chosen"] is None or pair.get("rejected") is None:  # counted once, by the side that overflowed
                 continue
+            if self.keys:
+                keys.append(self._pair_key(record, pair))
             kept.append(record)
             for name in rows:
                 rows[name].append(pair[name])
@@ -466,14 +518,14 @@ class PreferenceCollator(MultimodalCollator):
                     for name in rows}
             standin = all(row is not None for row in pair.values())
             if standin:
-                kept = [STANDIN_RECORD]
+                kept, keys = [STANDIN_RECORD], []
                 for name in rows:
                     rows[name].append(pair[name])
         images = self._images(kept)  # one dict per model, shared by both answers
         stats = self._finish_stats()
         ids = [str(r.get("id")) for r in kept]
         sides = {name: self._labelled(side_rows, images, standin, stats, ids) for name, side_rows in rows.items()}
-        return PreferenceBatch(sides["chosen"], sides["rejected"], standin=standin, data_stats=stats)
+        return PreferenceBatch(sides["chosen"], sides["rejected"], standin=standin, data_stats=stats, keys=keys)
 
 
 def _same_inputs(student: Any, teacher: Any) -> bool:

@@ -140,6 +140,7 @@ def chunked_token_loss(
     teacher_logits: Tensor | None = None,
     teacher_topk_indices: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
+    teacher_topk_log_tail: Tensor | None = None,
     mask: Tensor | None = None,
     teacher_mask: Tensor | None = None,
     chunk_size: int | None = None,
@@ -162,6 +163,8 @@ def chunked_token_loss(
         teacher_logits: Instead of the teacher's hidden states: ``(N, V)`` or ``(B, T', V)``.
         teacher_topk_indices: Instead, for ``TopKKL``: ``(N, K)`` or ``(B, T', K)`` vocabulary ids.
         teacher_topk_logprobs: With the indices: the teacher's log-probabilities at them, same shape.
+        teacher_topk_log_tail: Optionally with them: the log of the teacher's mass outside the top-k, ``(N,)`` or
+            ``(B, T')`` (see :meth:`TopKKL.per_token`).
         mask: ``(B, T)`` bool, required when ``hidden`` is 3-D.
         teacher_mask: ``(B, T')`` bool, the teacher's positions of the same tokens (default: ``mask``).
         chunk_size: Tokens per chunk; default :func:`default_chunk_size` of the vocabulary.
@@ -180,9 +183,11 @@ def chunked_token_loss(
         raise ValueError(f"teacher top-k entries need a TopKKL loss, got {type(loss).__name__}")
     if teacher_topk_indices is None and isinstance(loss, TopKKL):
         raise ValueError("TopKKL needs teacher_topk_indices and teacher_topk_logprobs")
+    if teacher_topk_log_tail is not None and teacher_topk_indices is None:
+        raise ValueError("teacher_topk_log_tail goes with teacher_topk_indices and teacher_topk_logprobs")
     if loss.reduction not in ("mean", "sum"):
         raise ValueError(f"chunked_token_loss supports reduction 'mean' or 'sum', got {loss.reduction!r}")
-    candidates = (teacher_hidden, teacher_logits, teacher_topk_indices, teacher_topk_logprobs)
+    candidates = (teacher_hidden, teacher_logits, teacher_topk_indices, teacher_topk_logprobs, teacher_topk_log_tail)
     teacher = [t for t in candidates if t is not None]
 
     if hidden.dim() == 3:

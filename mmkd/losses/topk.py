@@ -53,13 +53,17 @@ class TopKKL(nn.Module):
         self.scale_by_t2 = scale_by_t2
         self.reduction = check_reduction(reduction)
 
-    def per_token(self, student_logits: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor) -> Tensor:
+    def per_token(self, student_logits: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor,
+                  teacher_log_tail: Tensor | None = None) -> Tensor:
         """The objective on already-selected rows.
 
         Args:
             student_logits: ``(N, V)``, any float dtype.
             teacher_indices: ``(N, K)`` long, distinct ids per row.
             teacher_logprobs: ``(N, K)``, the teacher's log-probabilities at those ids (temperature 1).
+            teacher_log_tail: ``(N,)``, the log of the teacher's mass outside the top-k (a teacher cache stores it,
+                :func:`topk_from_logits` returns it); None takes ``1 - Σ_k p_T(k)``, which loses precision when the
+                tail is tiny or the log-probs are quantized. Only the ``bucket`` tail reads it.
 
         Returns:
             ``(N,)`` float32.
@@ -87,18 +91,23 @@ class TopKKL(nn.Module):
         tail_logp = torch.logsumexp(logp.scatter(1, idx, LOG_FLOOR), dim=-1).clamp(min=LOG_FLOOR)
         teacher_lp = teacher_lp.clamp(min=LOG_FLOOR)
         teacher_p = teacher_lp.exp()
-        teacher_tail = (1.0 - teacher_p.sum(-1)).clamp(min=0.0)
-        teacher_tail_lp = torch.log(teacher_tail).clamp(min=LOG_FLOOR)
+        if teacher_log_tail is None:
+            teacher_tail = (1.0 - teacher_p.sum(-1)).clamp(min=0.0)
+            teacher_tail_lp = torch.log(teacher_tail).clamp(min=LOG_FLOOR)
+        else:
+            teacher_tail_lp = teacher_log_tail.detach().float().clamp(min=LOG_FLOOR)
+            teacher_tail = teacher_tail_lp.exp()
         values = (teacher_p * (teacher_lp - top_logp)).sum(-1) + teacher_tail * (teacher_tail_lp - tail_logp)
         return values
 
     def per_token_and_grad(
-        self, student_logits: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor
+        self, student_logits: Tensor, teacher_indices: Tensor, teacher_logprobs: Tensor,
+        teacher_log_tail: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Values ``(n,)`` and the gradient of their sum w.r.t. ``student_logits`` ``(n, V)``, both float32."""
         with torch.enable_grad():
             logits = student_logits.detach().float().requires_grad_()
-            values = self.per_token(logits, teacher_indices, teacher_logprobs)
+            values = self.per_token(logits, teacher_indices, teacher_logprobs, teacher_log_tail)
             (grad,) = torch.autograd.grad(values.sum(), logits)
         return values.detach(), grad
 
@@ -130,8 +139,14 @@ class TopKKL(nn.Module):
         return f"tail={self.tail!r}, temperature={self.temperature}, reduction={self.reduction!r}"
 
 
-def topk_from_logits(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k ids and float32 log-probabilities of full teacher logits, ``(..., V) -> (..., K), (..., K)``."""
+def topk_from_logits(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k ids, float32 log-probabilities and log tail mass of full teacher logits.
+
+    ``(..., V) -> (..., K), (..., K), (...)``: ids by decreasing probability, their log-probabilities, and the log of
+    the probability outside them as a log-sum-exp over the other ids (precise however small the tail). A teacher cache
+    stores exactly these (``mmkd.cache.teacher_topk`` is this function).
+    """
     logp = F.log_softmax(teacher_logits.float(), dim=-1)
     values, indices = logp.topk(k, dim=-1)
-    return indices, values
+    log_tail = logp.scatter(-1, indices, float("-inf")).logsumexp(-1)
+    return indices, values, log_tail

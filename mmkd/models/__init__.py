@@ -3,6 +3,7 @@
 from mmkd.contract import CLIPOutput, ModelOutput
 from mmkd.models.clip import CLIPModel
 from mmkd.models.errors import ModelNotFoundError
+from mmkd.models.inputs import ImageTextInputs
 from mmkd.models.llava import LlavaModel
 from mmkd.models.mllm import ImageTextModel
 from mmkd.models.moe import UpcycleToMoE, count_parameters, upcycle_to_moe
@@ -12,6 +13,7 @@ from mmkd.models.vocab import align_vocab
 __all__ = [
     "CLIPModel",
     "CLIPOutput",
+    "ImageTextInputs",
     "ImageTextModel",
     "LlavaModel",
     "MLLMStudent",

@@ -26,9 +26,12 @@ class ImageTextInputs:
         config: The model's config (image token id, vision start/end tokens, vision config, tiling grid).
     """
 
-    def __init__(self, processor: Any, config: Any) -> None:
+    def __init__(self, processor: Any, config: Any, identity: dict[str, Any] | None = None) -> None:
         self.processor = processor
         self.config = config
+        # Where the model comes from (path or hub id, revision, dtype, weights fingerprint), when it was loaded from
+        # a folder or hub id: what a teacher cache records and checks (mmkd.models.identity.source_identity).
+        self.identity = identity
         tok = processor.tokenizer
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
@@ -47,12 +50,22 @@ class ImageTextInputs:
         self.image_base_tokens = self._base_grid_tokens()
 
     @classmethod
-    def from_pretrained(cls, path: str, *, revision: str | None = None,
-                        trust_remote_code: bool = False) -> ImageTextInputs:
-        """The input side of a model folder or hub id: its processor and config, no weights."""
+    def from_pretrained(cls, path: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                        dtype: str = "float32", quantize: str | None = None, **ignored: Any) -> ImageTextInputs:
+        """The input side of a model folder or hub id: its processor and config, no weights.
+
+        Args:
+            path: Hub id or local folder.
+            revision: Hub revision.
+            trust_remote_code: As for the model.
+            dtype: The dtype the model runs in (recorded in :attr:`identity`, nothing is loaded in it).
+            quantize: The model's quantization (recorded likewise).
+            ignored: The model's other loading options (attention implementation, ...): they do not change its inputs.
+        """
         from transformers import AutoConfig, AutoProcessor
 
         from mmkd.models.errors import load_or_explain
+        from mmkd.models.identity import source_identity
 
         processor = load_or_explain(
             lambda: AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision),
@@ -62,7 +75,13 @@ class ImageTextInputs:
             lambda: AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision),
             path, key="path", what="model config", weights=False,
         )
-        return cls(processor, config)
+        return cls(processor, config, source_identity(path, revision=revision, dtype=dtype, quantize=quantize))
+
+    def fingerprints(self) -> dict[str, str | None]:
+        """sha256 fingerprints of the tokenizer and the processor (:mod:`mmkd.models.identity`)."""
+        from mmkd.models.identity import processor_fingerprint, tokenizer_fingerprint
+
+        return {"tokenizer": tokenizer_fingerprint(self.tokenizer), "processor": processor_fingerprint(self.processor)}
 
     @property
     def tokenizer(self) -> Any:

@@ -259,9 +259,29 @@ class ImageTextModel(nn.Module):
     # -- loading ----------------------------------------------------------------------------------------------
     def _load_into(self, path: str, *, quantize: str | None = None, gradient_checkpointing: bool = False,
                    **options: Any) -> None:
+        from mmkd.models.identity import source_identity
+
         hf, processor, torch_dtype = load_image_text(str(path), key="path", quantize=quantize, **options)
         ImageTextModel.__init__(self, hf, processor, dtype=torch_dtype, gradient_checkpointing=gradient_checkpointing)
         self.path, self.quantize = str(path), quantize
+        self.inputs_view.identity = source_identity(str(path), revision=options.get("revision"),
+                                                    dtype=options.get("dtype", "float32"), quantize=quantize)
+
+    @classmethod
+    def input_view(cls, path: str | None = None, **options: Any) -> ImageTextInputs:
+        """The input side of the model these arguments load (processor, config, identity), without its weights:
+        what a stage that reads the model from a teacher cache builds its batches with.
+
+        Args:
+            path: Hub id or local folder (the ``path`` of the model's ``init_args``).
+            options: The model's other ``init_args`` (revision, dtype, quantize, ...).
+        """
+        from mmkd.models.errors import ModelNotFoundError
+
+        if path is None:
+            raise ModelNotFoundError(f"{cls.__name__}: a cached teacher is read by its path or hub id (init_args.path);"
+                                     " save this model with save_pretrained and name the folder", key="path")
+        return ImageTextInputs.from_pretrained(str(path), **options)
 
     @classmethod
     def check_source(cls, path: str, **options: Any) -> None:

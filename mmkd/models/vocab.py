@@ -17,7 +17,8 @@ def align_vocab(teacher: Any, student: Any) -> int:
     only the first ``len(tokenizer)`` rows of their LM head (``ModelOutput.head_weight``), so logits line up.
 
     Args:
-        teacher: An :class:`~mmkd.models.ImageTextModel` (e.g. ``LlavaModel``).
+        teacher: An :class:`~mmkd.models.ImageTextModel` (e.g. ``LlavaModel``), or the input side of one
+            (:class:`~mmkd.models.ImageTextInputs`, a teacher read from a cache).
         student: An :class:`~mmkd.models.ImageTextModel` (e.g. ``MLLMStudent``).
 
     Returns:
@@ -36,6 +37,8 @@ def align_vocab(teacher: Any, student: Any) -> int:
         )
     size = len(s_tok)
     for role, model in (("teacher", teacher), ("student", student)):
+        if getattr(model, "hf", None) is None:
+            continue  # the input side of a teacher read from a cache: the cache holds V = len(tokenizer) already
         rows = _vocab_rows(model)
         if rows < size:
             raise ValueError(

@@ -25,6 +25,7 @@ from mmkd.objectives.tokens import (
     SkewReverseKLObjective,
     TAIDObjective,
     TokenDivergenceObjective,
+    TopKKLObjective,
     TotalVariationObjective,
 )
 
@@ -44,6 +45,7 @@ __all__ = [
     "SkewReverseKLObjective",
     "TAIDObjective",
     "TokenDivergenceObjective",
+    "TopKKLObjective",
     "TotalVariationObjective",
     "answer_logprobs",
     "answer_positions",
@@ -63,6 +65,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "skl": SkewKLObjective,
     "srkl": SkewReverseKLObjective,
     "taid": TAIDObjective,
+    "topk_kl": TopKKLObjective,
     "mdist": MDistObjective,
     "rdist": RDistObjective,
     "feature": FeatureObjective,

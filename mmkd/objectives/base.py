@@ -9,6 +9,8 @@ declared on the class, so no other layer special-cases objective names:
   log-probabilities of chosen and rejected answers; ``"clip"``: :class:`~mmkd.contract.CLIPOutput` s. A task
   declares which families it computes.
 * ``needs_teacher`` and ``needs_hidden_states``: what the forward passes must provide.
+* ``reads_cache``: the objective can take the teacher from a teacher cache instead (the batch's
+  :class:`~mmkd.contract.TeacherTopK`), so a stage with ``task_args.teacher_cache`` never loads the teacher.
 * ``context``: constructor arguments the stage fills in, unless the recipe sets them: ``"total_steps"`` (the stage's
   optimizer steps), ``"student.hidden_size"``, ``"teacher.embed_dim"``, ... (an attribute of a model).
 
@@ -32,6 +34,7 @@ class Objective(nn.Module):
     reads: ClassVar[str] = "tokens"
     needs_teacher: ClassVar[bool] = True
     needs_hidden_states: ClassVar[bool] = False
+    reads_cache: ClassVar[bool] = False
     context: ClassVar[dict[str, str]] = {}
 
     def __init__(self) -> None:  # an objective without arguments takes none (not nn.Module's *args, **kwargs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar, Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -22,9 +23,12 @@ from mmkd.losses import (
     SkewKL,
     SkewReverseKL,
     TokenDivergence,
+    TopKKL,
     TotalVariation,
     chunked_token_loss,
+    topk_from_logits,
 )
+from mmkd.losses._common import row_slices
 from mmkd.objectives.base import Objective, answer_positions, answer_targets, check_counts
 
 __all__ = [
@@ -37,7 +41,9 @@ __all__ = [
     "SkewReverseKLObjective",
     "TAIDObjective",
     "TokenDivergenceObjective",
+    "TopKKLObjective",
     "TotalVariationObjective",
+    "answer_topk",
 ]
 
 # Tokens per chunk of the divergences: 1,024 rows of (chunk, V) logits; the demo's figures were measured with it.
@@ -194,6 +200,79 @@ class TAIDObjective(TokenDivergenceObjective):
         # The update's value: this term's global mean, or (update_on="ce") the global mean of its cross-entropy.
         self.loss.step((extras or {}).get("update", value).detach())
         return {"t": float(self.loss.interpolation)}
+
+
+def answer_topk(output: ModelOutput, mask: Tensor, k: int, chunk_size: int = DEFAULT_CHUNK
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """A model's top-k at the selected positions, logits computed ``chunk_size`` rows at a time.
+
+    Args:
+        output: The (teacher's) forward output.
+        mask: ``(B, T)`` bool, the positions (row-major order).
+        k: Entries per position.
+        chunk_size: Rows of logits at a time.
+
+    Returns:
+        ids ``(N, k)`` long, log-probabilities ``(N, k)`` float32, log tail ``(N,)`` float32
+        (:func:`mmkd.losses.topk_from_logits`): what ``mmkd cache`` stores and what ``topk_kl`` computes live.
+    """
+    hidden = output.last_hidden[mask].detach()
+    with torch.no_grad():
+        parts = [topk_from_logits(output.logits(hidden[rows]), k) for rows in row_slices(hidden.shape[0], chunk_size)]
+    if not parts:
+        return (torch.zeros(0, k, dtype=torch.long, device=hidden.device),
+                torch.zeros(0, k, dtype=torch.float32, device=hidden.device),
+                torch.zeros(0, dtype=torch.float32, device=hidden.device))
+    ids, logprobs, log_tail = (torch.cat(p) for p in zip(*parts))
+    return ids, logprobs, log_tail
+
+
+class TopKKLObjective(Objective):
+    """``topk_kl``: forward KL to the teacher's top-k distribution on answer tokens, live or from a teacher cache.
+
+    With a live teacher its top-k is taken from its logits chunk by chunk (:func:`mmkd.losses.topk_from_logits`); in
+    a stage that reads a teacher cache (``task_args.teacher_cache``) the batch carries the stored top-k and the
+    teacher is never loaded. Either way the student's logits exist a chunk at a time (:func:`chunked_token_loss`)
+    and the same numbers reach :class:`mmkd.losses.TopKKL`: the cache stores exactly what the live path computes.
+
+    Args:
+        k: Top-k entries per position. Live: default 64. From a cache: None takes the cache's k; a number must
+            equal it (checked before training).
+        tail: ``bucket`` (the teacher's mass outside the top-k as one more outcome) or ``renormalize``.
+        temperature: Divides both sides (``renormalize`` only).
+        scale_by_t2: Multiply by ``temperature**2``.
+        chunk_size: Answer tokens per chunk of logits.
+    """
+
+    reads_cache = True
+    LIVE_K = 64
+
+    def __init__(self, k: int | None = None, tail: Literal["bucket", "renormalize"] = "bucket",
+                 temperature: float = 1.0, scale_by_t2: bool = False, chunk_size: int = DEFAULT_CHUNK) -> None:
+        super().__init__()
+        if k is not None and k < 1:
+            raise ValueError(f"k={k}: expected a positive number of entries per position")
+        self.k = k
+        self.loss = TopKKL(tail=tail, temperature=temperature, scale_by_t2=scale_by_t2)
+        self.chunk_size = chunk_size
+
+    def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: DistillBatch) -> Tensor:
+        s_mask = answer_positions(batch.labels)
+        if teacher is not None:
+            t_mask = answer_positions(batch.teacher_side()[1])
+            check_counts(s_mask, t_mask)
+            ids, logprobs, log_tail = answer_topk(teacher, t_mask, self.k or self.LIVE_K, self.chunk_size)
+        elif batch.teacher_topk is not None:
+            top = batch.teacher_topk
+            ids, logprobs, log_tail = top.ids, top.logprobs, top.log_tail
+        else:
+            raise ValueError("topk_kl: the batch has neither a teacher's output nor a teacher cache's top-k")
+        hidden = student.last_hidden[s_mask]
+        if ids.shape[0] != hidden.shape[0]:
+            raise ValueError(f"topk_kl: {hidden.shape[0]} student answer tokens but {ids.shape[0]} teacher rows")
+        return chunked_token_loss(self.loss, hidden, student.head_weight, head_bias=student.head_bias,
+                                  teacher_topk_indices=ids, teacher_topk_logprobs=logprobs,
+                                  teacher_topk_log_tail=log_tail, chunk_size=self.chunk_size)
 
 
 class FeatureObjective(Objective):

@@ -44,8 +44,19 @@ class Task(Protocol):
         """Whether a stage with these objective classes and task arguments needs the teacher (at recipe load)."""
         ...
 
+    @classmethod
+    def teacher_inputs_needed(cls, objectives: Mapping[str, type[Objective]], **args: Any) -> bool:
+        """Whether the stage builds the teacher's inputs without the teacher (a stage that reads a teacher cache):
+        its collator then gets the teacher's input side (``mmkd.models.ImageTextInputs``) as ``teacher``."""
+        ...
+
     def prepare(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Called once the stage's models exist, before training (e.g. to copy the starting student)."""
+        ...
+
+    def select_data(self, dataset: Any, collator: Collator, num_workers: int = 0) -> tuple[Any, dict[str, Any]]:
+        """Checked before training: the dataset the stage trains on (e.g. without records a teacher cache lacks),
+        and what the check counted (recorded in the manifest's ``data``)."""
         ...
 
     def collator(self, student: Any, teacher: Any | None, max_length: int) -> Collator:
@@ -90,9 +101,16 @@ class ObjectiveTask:
         when the recipe loads, before anything is built)."""
         return any(o.needs_teacher for o in objectives.values())
 
+    @classmethod
+    def teacher_inputs_needed(cls, objectives: Mapping[str, type[Objective]], **args: Any) -> bool:
+        return False
+
     @property
     def needs_teacher(self) -> bool:
         return self.teacher_needed({n: type(o) for n, o in self.objectives.items()})
+
+    def select_data(self, dataset: Any, collator: Collator, num_workers: int = 0) -> tuple[Any, dict[str, Any]]:
+        return dataset, {}
 
     def of_family(self, family: str) -> dict[str, Objective]:
         """The stage's objectives that read ``family``, in recipe order."""

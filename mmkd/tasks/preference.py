@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from mmkd.contract import AUX_LOSS, DistillBatch, PreferenceBatch
 from mmkd.objectives import Objective, answer_logprobs
 from mmkd.tasks.base import Collator, ObjectiveTask
+from mmkd.tasks.distill import check_cache_objectives
 
 __all__ = ["PreferenceTask"]
 
@@ -25,20 +26,37 @@ class PreferenceTask(ObjectiveTask):
 
     Reference log-probabilities are computed under ``no_grad`` by a frozen model that is neither a submodule nor in
     the optimizer or the checkpoint; ``initial_student`` is a frozen copy taken when the stage is built (on resume
-    the runner rebuilds the stage's starting student first, so the copy is the same).
+    the runner rebuilds the stage's starting student first, so the copy is the same). With ``teacher_cache`` the
+    teacher's log-probabilities of both answers come from the cache ``mmkd cache`` wrote for this stage and no
+    reference model is loaded; every pair of the dataset is looked up before training.
 
     Args:
         objectives: The stage's objectives by recipe name.
         reference: ``teacher`` or ``initial_student``.
         average: Length-averaged log-probabilities; None: only for the ``ipo`` loss, which expects them.
+        teacher_cache: A teacher cache folder holding the teacher's answer log-probabilities (``reference:
+            teacher`` only), or None for the live teacher.
+        on_missing: A pair without an entry in the cache: ``error`` (before training) or ``skip`` it.
     """
 
     accepts = ("preference", "tokens")
     requires = ("preference",)
 
     def __init__(self, objectives: dict[str, Objective], reference: Literal["teacher", "initial_student"] = "teacher",
-                 average: bool | None = None) -> None:
+                 average: bool | None = None, teacher_cache: str | None = None,
+                 on_missing: Literal["error", "skip"] = "error") -> None:
         super().__init__(objectives)
+        if on_missing not in ("error", "skip"):
+            raise ValueError(f"on_missing={on_missing!r}: expected 'error' or 'skip'")
+        if teacher_cache is not None:
+            if reference != "teacher":
+                raise ValueError(f"teacher_cache holds the teacher's log-probabilities; reference={reference!r} "
+                                 "reads another model (set reference: teacher, or drop teacher_cache)")
+            check_cache_objectives({n: o for n, o in self.objectives.items() if o.reads == "tokens"},
+                                   "of preference pairs takes teacher-free token objectives (lm)")
+        self.teacher_cache = teacher_cache
+        self.on_missing = on_missing
+        self.cached = None
         preference = self.of_family("preference")
         if len(preference) != 1:
             raise ValueError(f"a preference stage takes exactly one preference objective, got {sorted(preference)}")
@@ -49,13 +67,22 @@ class PreferenceTask(ObjectiveTask):
         self.reference: nn.Module | None = None
 
     @classmethod
-    def teacher_needed(cls, objectives: dict[str, type[Objective]], reference: str = "teacher", **args: Any) -> bool:
+    def teacher_needed(cls, objectives: dict[str, type[Objective]], reference: str = "teacher",
+                       teacher_cache: str | None = None, **args: Any) -> bool:
+        if teacher_cache is not None:
+            return False
         tokens = [o for o in objectives.values() if o.reads == "tokens"]
         return reference == "teacher" or any(o.needs_teacher for o in tokens)
 
+    @classmethod
+    def teacher_inputs_needed(cls, objectives: dict[str, type[Objective]], teacher_cache: str | None = None,
+                              **args: Any) -> bool:
+        return teacher_cache is not None
+
     @property
     def needs_teacher(self) -> bool:
-        return self.teacher_needed({n: type(o) for n, o in self.objectives.items()}, self.reference_kind)
+        return self.teacher_needed({n: type(o) for n, o in self.objectives.items()}, self.reference_kind,
+                                   self.teacher_cache)
 
     def prepare(self, student: nn.Module, teacher: nn.Module | None) -> None:
         if self.reference_kind == "initial_student":
@@ -69,10 +96,33 @@ class PreferenceTask(ObjectiveTask):
     def frozen_models(self) -> dict[str, nn.Module]:
         return {"reference": self.reference} if self.reference is not None else {}
 
+    def key_collator(self, student: Any, teacher: Any, max_length: int) -> Collator:
+        """The collator whose batches carry each pair's cache key (what ``mmkd cache`` and the join use)."""
+        from mmkd.data.collate import PreferenceCollator
+
+        return PreferenceCollator.for_models(student, teacher, max_length=max_length, keys=True)
+
+    def cache_batching(self, max_length: int) -> dict[str, Any]:
+        """The collator settings that decide the keys, recorded in the cache header."""
+        return {"max_length": int(max_length)}
+
     def collator(self, student: Any, teacher: Any | None, max_length: int) -> Collator:
         from mmkd.data.collate import PreferenceCollator
 
+        if self.teacher_cache is not None:
+            from mmkd.cache.join import STORED_SEQUENCE, CachedTeacher, CacheJoin
+
+            self.cached = CachedTeacher(self.teacher_cache, teacher, k=None, stored=STORED_SEQUENCE,
+                                        batching=self.cache_batching(max_length))
+            return CacheJoin(self.key_collator(student, teacher, max_length), self.cached)
         return PreferenceCollator.for_models(student, teacher if self.needs_teacher else None, max_length=max_length)
+
+    def select_data(self, dataset: Any, collator: Collator, num_workers: int = 0) -> tuple[Any, dict[str, Any]]:
+        if self.cached is None:
+            return dataset, {}
+        dataset, selection = self.cached.check(dataset, collator, on_missing=self.on_missing,
+                                               num_workers=num_workers)
+        return dataset, {"teacher_cache": selection.as_dict()}
 
     def _reference_pass(self, teacher: nn.Module | None, side: DistillBatch) -> tuple[Any, Tensor]:
         """The reference model's output and labels on one answer side (the teacher reads its own inputs)."""
@@ -87,10 +137,14 @@ class PreferenceTask(ObjectiveTask):
         outs = {name: student(**side.inputs.kwargs(), output_hidden_states=hidden and name == "chosen")
                 for name, side in sides.items()}
         policy = {name: answer_logprobs(outs[name], side.labels, self.average) for name, side in sides.items()}
-        with torch.no_grad():
-            reference_outs = {name: self._reference_pass(teacher, side) for name, side in sides.items()}
-            reference = {name: answer_logprobs(out, labels, self.average)
-                         for name, (out, labels) in reference_outs.items()}
+        reference_outs = {}
+        if self.teacher_cache is not None:  # the teacher's summed answer log-probs, from the cache
+            reference = {name: _cached_reference(side, self.average) for name, side in sides.items()}
+        else:
+            with torch.no_grad():
+                reference_outs = {name: self._reference_pass(teacher, side) for name, side in sides.items()}
+                reference = {name: answer_logprobs(out, labels, self.average)
+                             for name, (out, labels) in reference_outs.items()}
         loss, metrics = self.preference(policy["chosen"], policy["rejected"], reference["chosen"],
                                         reference["rejected"])
         name = self.preference_name
@@ -108,3 +162,13 @@ class PreferenceTask(ObjectiveTask):
         if aux:  # the router loss of both passes (LLaVA-MoD adds the rejected pass's too), as their mean
             terms[AUX_LOSS] = sum(aux) / len(aux)
         return terms
+
+
+def _cached_reference(side: DistillBatch, average: bool) -> Tensor:
+    """The teacher's answer log-probabilities of one side from the cache, ``(B,)`` float32 (length-averaged like
+    :func:`mmkd.objectives.answer_logprobs` when ``average``)."""
+    labels = side.teacher_side()[1]
+    values = side.teacher_logprobs.to(labels.device, torch.float32)
+    if average:
+        values = values / (labels[:, 1:] != -100).sum(1).clamp(min=1)
+    return values

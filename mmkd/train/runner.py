@@ -73,7 +73,8 @@ class Runner:
         self.restart_from = restart_from
         self.echo = echo
         teacher = recipe.teacher
-        self.teachers = TeacherPool(teacher.build if teacher is not None else None)
+        self.teachers = TeacherPool(teacher.build if teacher is not None else None,
+                                    _view_of(teacher) if teacher is not None else None)
         self._datasets: dict[str, tuple[Any, Any]] = {}
         self._students: dict[str, Any] = {}
         for key, name in (("--stage", only_stage), ("--restart-from", restart_from)):
@@ -160,7 +161,7 @@ class Runner:
         try:
             if self.recipe.stage(names[0]).needs_teacher:
                 self.teachers.get()
-            elif any(self.recipe.stage(n).needs_teacher for n in names):
+            elif any(self.recipe.stage(n).needs_teacher or self.recipe.stage(n).needs_teacher_inputs for n in names):
                 # A later stage needs it: check its source now without loading it (the first stage would release it).
                 teacher = self.recipe.teacher
                 check = getattr(teacher.target(), "check_source", None)
@@ -226,10 +227,18 @@ class Runner:
         return any(self.recipe.stage(n).needs_teacher for n in names[names.index(name) + 1:])
 
     def _teacher_for(self, spec: StageSpec) -> Any:
-        """The teacher for a stage that needs it; before one that does not, the teacher is released."""
+        """The teacher for a stage that needs it (its input side for a stage that reads it from a cache); before one
+        that does not, the teacher is released."""
         if spec.needs_teacher:
             return self.teachers.get()
         self.teachers.release(needed_later=self._later_needs_teacher(spec.name))
+        if spec.needs_teacher_inputs:
+            from mmkd.models.errors import ModelNotFoundError
+
+            try:
+                return self.teachers.inputs()
+            except (ModelNotFoundError, OSError) as err:
+                raise RecipeError(f"teacher: {_one_line(err)}") from None
         return None
 
     def run_stage(self, manifest: Manifest, name: str) -> None:
@@ -282,6 +291,7 @@ class Runner:
             reader_summary = getattr(datamodule.train_dataset, "summary", None)
             if callable(reader_summary):
                 data_summary["reader"] = reader_summary()
+            data_summary.update(getattr(datamodule, "checked", None) or {})  # the same on every rank: not summed
             manifest.update(
                 name, status=DONE, ended=now(), global_step=int(trainer.global_step),
                 wall_time_s=round(float(entry.get("wall_time_s", 0.0)) + time.time() - t0, 2),
@@ -298,6 +308,19 @@ class Runner:
             if isinstance(err, KeyboardInterrupt):
                 raise
             raise RunError(f"stage {name} failed: {message}") from err
+
+
+def _view_of(teacher: Any) -> Callable[[], Any]:
+    """Builds the recipe teacher's input side without its weights (a stage that reads it from a cache)."""
+
+    def build() -> Any:
+        make = getattr(teacher.target(), "input_view", None)
+        if make is None:
+            raise RecipeError(f"teacher: {teacher.class_path} cannot be read from a teacher cache (it has no "
+                              "input_view; use mmkd.models.LlavaModel with the teacher's folder)")
+        return make(**teacher.init_args)
+
+    return build
 
 
 def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:

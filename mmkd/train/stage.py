@@ -11,7 +11,7 @@ import lightning as L
 from torch import nn
 
 from mmkd.train.callbacks import StepCheckpoint, fault_callbacks
-from mmkd.train.recipe import StageSpec, import_path
+from mmkd.train.recipe import RecipeError, StageSpec, import_path
 from mmkd.train.rundir import RunDir
 
 __all__ = ["build_logger", "build_stage", "build_task_for"]
@@ -42,18 +42,40 @@ def build_task_for(spec: StageSpec, student: nn.Module, teacher: nn.Module | Non
     return build_task(spec.task, spec.task_args, objectives, student=student, teacher=teacher)
 
 
-def _align_vocabularies(student: nn.Module, teacher: nn.Module | None) -> None:
-    """Same tokenizer, differently padded heads (151,936 vs 152,064 rows): both expose logits over len(tokenizer)."""
-    from mmkd.models import ImageTextModel, align_vocab
+def _align_vocabularies(student: nn.Module, teacher: Any) -> None:
+    """Same tokenizer, differently padded heads (151,936 vs 152,064 rows): both expose logits over len(tokenizer).
+    ``teacher`` may be a teacher's input side (a stage that reads a teacher cache)."""
+    from mmkd.models import ImageTextInputs, ImageTextModel, align_vocab
 
-    if isinstance(teacher, ImageTextModel) and isinstance(student, ImageTextModel):
+    if isinstance(teacher, ImageTextModel | ImageTextInputs) and isinstance(student, ImageTextModel):
         align_vocab(teacher, student)
+
+
+def _task_and_data(spec: StageSpec, student: nn.Module, teacher: Any, dataset: Any) -> tuple[Any, Any, Any, int,
+                                                                                              dict[str, Any]]:
+    """The stage's task, collator and training set, checked before training (``Task.select_data``)."""
+    from mmkd.cache.errors import CacheError
+
+    where = f"stages.{spec.name}.task_args.teacher_cache"
+    num_workers = int(spec.trainer.num_workers or 0)
+    selected = dataset
+    for _ in range(2):  # twice only when the check dropped records and the stage's length depends on the count
+        total_steps = spec.total_steps(len(selected))
+        task = build_task_for(spec, student, teacher if spec.needs_teacher else None, total_steps)
+        try:
+            collate = getattr(dataset, "collate_fn", None) or task.collator(student, teacher, spec.max_length)
+            selected, checked = task.select_data(dataset, collate, num_workers)
+        except CacheError as err:
+            raise RecipeError(f"{where}: {' '.join(str(err).split())}") from None
+        if spec.total_steps(len(selected)) == total_steps:
+            return task, collate, selected, total_steps, checked
+    raise RuntimeError("unreachable: the selection is the same on the second pass")
 
 
 def build_stage(
     spec: StageSpec,
     student: nn.Module,
-    teacher: nn.Module | None,
+    teacher: Any,
     run: RunDir,
     on_saved: Callable[[Path, int], None],
     echo: Callable[[str], None] = print,
@@ -64,11 +86,15 @@ def build_stage(
     Args:
         spec: The resolved stage.
         student: The stage's starting student.
-        teacher: The teacher when the stage's task needs one, else None.
+        teacher: The teacher when the stage's task needs one; the teacher's input side
+            (:class:`mmkd.models.ImageTextInputs`) when it reads a teacher cache; else None.
         run: The run directory.
         on_saved: Called on rank 0 with ``(checkpoint path, step)`` once a checkpoint is complete.
         echo: Where progress messages go.
         datasets: The stage's ``(train, val)`` datasets when the caller already opened them.
+
+    Returns:
+        ``(trainer, module, datamodule)``; ``datamodule.checked`` holds what the task's data check counted.
     """
     from mmkd.data.datamodule import MMKDDataModule
     from mmkd.train.stage_module import StageModule
@@ -78,13 +104,15 @@ def build_stage(
     if datasets is None:
         datasets = (spec.data.build(), spec.val_data.build() if spec.val_data else None)
     dataset, val_dataset = datasets
-    total_steps = spec.total_steps(len(dataset))
-    teacher = teacher if spec.needs_teacher else None
+    if not (spec.needs_teacher or spec.needs_teacher_inputs):
+        teacher = None
     _align_vocabularies(student, teacher)
-    task = build_task_for(spec, student, teacher, total_steps)
-    collate = getattr(dataset, "collate_fn", None) or task.collator(student, teacher, spec.max_length)
+    task, collate, dataset, total_steps, checked = _task_and_data(spec, student, teacher, dataset)
+    if spec.needs_teacher_inputs:
+        teacher = None  # the stage reads the teacher from its cache: the module gets no teacher
     datamodule = MMKDDataModule(dataset, collate, val_dataset=val_dataset, batch_size=spec.micro_batch_size,
                                 num_workers=int(tr.num_workers or 0), seed=spec.seed)
+    datamodule.checked = checked
     module = StageModule(student, teacher, task, spec.weights, spec.train, optimizer=spec.optimizer,
                          schedule=spec.schedule, total_steps=total_steps, stage=spec.name)
     checkpoint = StepCheckpoint(run.checkpoints(spec.name), int(tr.checkpoint_every_n_steps or 50),

@@ -104,10 +104,14 @@ class TeacherPool:
 
     Args:
         load: Builds the teacher (the recipe's ``teacher`` component), or None for a recipe without one.
+        view: Builds the teacher's input side without its weights (``ImageTextModel.input_view``), for stages that
+            read the teacher from a cache.
     """
 
-    def __init__(self, load: Callable[[], nn.Module] | None):
+    def __init__(self, load: Callable[[], nn.Module] | None, view: Callable[[], Any] | None = None):
         self._load = load
+        self._view_fn = view
+        self._view: Any = None
         self._teacher: nn.Module | None = None
         self._parked: torch.device | None = None  # where a parked teacher came from
         self.loads = 0  # how many times the teacher was built
@@ -116,6 +120,17 @@ class TeacherPool:
     def loaded(self) -> nn.Module | None:
         """The teacher when it is in memory, else None."""
         return self._teacher
+
+    def inputs(self) -> Any:
+        """The teacher's input side (processor, config, identity) for a stage that reads it from a cache: the loaded
+        teacher's own when it is in memory, else built once from its folder or hub id without weights."""
+        if self._teacher is not None and getattr(self._teacher, "inputs_view", None) is not None:
+            return self._teacher.inputs_view
+        if self._view is None:
+            if self._view_fn is None:
+                raise ValueError("the recipe has no teacher whose inputs a cached stage could build")
+            self._view = self._view_fn()
+        return self._view
 
     def get(self) -> nn.Module | None:
         """The teacher, loaded (or loaded whole again after a ZeRO-3 stage partitioned it) when needed."""

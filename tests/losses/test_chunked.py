@@ -94,7 +94,7 @@ def test_precomputed_teacher_logits_and_topk_entries():
     naive = loss.per_token(h @ w.t(), teacher_logits).sum()
     chunked = chunked_token_loss(loss, h, w, teacher_logits=teacher_logits, chunk_size=5)
     torch.testing.assert_close(torch.autograd.grad(chunked, [h, w]), torch.autograd.grad(naive, [h, w]))
-    idx, lp = topk_from_logits(teacher_logits, 5)
+    idx, lp, _ = topk_from_logits(teacher_logits, 5)
     for tail in ("bucket", "renormalize"):
         topk = TopKKL(tail=tail)
         naive = topk.per_token(h @ w.t(), idx, lp).mean()

@@ -15,7 +15,7 @@ def _logits(seed=0, b=2, t=3, v=9):
 def test_full_topk_is_forward_kl(tail):
     student, teacher = _logits()
     mask = torch.ones(2, 3, dtype=torch.bool)
-    idx, lp = topk_from_logits(teacher, teacher.shape[-1])
+    idx, lp, _ = topk_from_logits(teacher, teacher.shape[-1])
     got = TopKKL(tail=tail)(student, idx, lp, mask)
     assert got.item() == pytest.approx(ForwardKL()(student, teacher, mask).item(), rel=1e-5)
 
@@ -24,10 +24,10 @@ def test_full_topk_is_forward_kl(tail):
 def test_zero_at_equality_gradients_and_masking(tail):
     student, teacher = _logits()
     mask = torch.tensor([[True, False, True], [False, True, True]])
-    idx, lp = topk_from_logits(student, 4)
+    idx, lp, _ = topk_from_logits(student, 4)
     loss = TopKKL(tail=tail)
     assert loss(student, idx, lp, mask).item() == pytest.approx(0.0, abs=1e-6)
-    idx, lp = topk_from_logits(teacher, 4)
+    idx, lp, _ = topk_from_logits(teacher, 4)
     lp.requires_grad_()
     s = student.clone().requires_grad_()
     value = loss(s, idx, lp, mask)
@@ -53,7 +53,7 @@ def test_bucket_hand_computed():
 def test_minus_inf_and_low_precision():
     student, teacher = _logits()
     mask = torch.ones(2, 3, dtype=torch.bool)
-    idx, lp = topk_from_logits(teacher, 3)
+    idx, lp, _ = topk_from_logits(teacher, 3)
     student = student.clone()
     student[..., -1] = float("-inf")
     lp = lp.clone()

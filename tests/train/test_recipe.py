@@ -129,6 +129,21 @@ def test_accumulation_from_global_batch(tmp_path):
         (BASE, ["--stages.sft.schedule.name", "cosin"], "stages.sft.schedule.name: expected one of"),
         (BASE, ["--trainer.logger", '{"class_path": "collections.OrderedDict"}'],
          "trainer.logger.class_path: collections.OrderedDict is not a Lightning logger"),
+        (variant(stages__dpt__task_args={"teacher_cache": "C"}), [],
+         "stages.dpt.task_args: teacher_cache: objective mdist needs the live teacher; a stage that reads a teacher "
+         "cache takes topk_kl and teacher-free objectives"),
+        (variant(stages__sft__task_args={"teacher_cache": "C"}), [],
+         "stages.sft.task_args: teacher_cache is set but no objective reads it (add topk_kl)"),
+        (variant(stages__sft__task_args={"teacher_cache": "C", "on_missing": "ignore"}), [],
+         "stages.sft.task_args.on_missing: expected one of error, skip, got 'ignore'"),
+        (variant(stages__sft__objectives={"topk_kl": 1.0}, stages__sft__objective_args={"topk_kl": {"k": 0}}), [],
+         "stages.sft.objective_args.topk_kl: k=0: expected a positive number"),
+        (variant(teacher=..., stages__dpt__objectives={"lm": 1.0}, stages__sft__objectives={"topk_kl": 1.0},
+                 stages__sft__task_args={"teacher_cache": "C"}), [],
+         "stages.sft.task_args.teacher_cache: a stage that reads a teacher cache needs the recipe's teacher section"),
+        (variant(stages__sft__task="preference", stages__sft__objectives={"dpo": 1.0},
+                 stages__sft__task_args={"teacher_cache": "C", "reference": "initial_student"}), [],
+         "stages.sft.task_args: teacher_cache holds the teacher's log-probabilities; reference='initial_student'"),
     ],
 )
 def test_bad_recipes_are_one_line_errors(tmp_path, recipe, overrides, message):

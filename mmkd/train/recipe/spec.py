@@ -100,6 +100,7 @@ class StageSpec:
         student_transform: Applied to the student after ``init_from``, or None.
         sqa_eval: End-of-stage evaluation, or None.
         needs_teacher: Whether the stage's task needs the recipe's teacher.
+        needs_teacher_inputs: Whether it builds the teacher's inputs without loading the teacher (a teacher cache).
     """
 
     name: str
@@ -123,6 +124,7 @@ class StageSpec:
     student_transform: ComponentSpec | None
     sqa_eval: SQAEvalConfig | None
     needs_teacher: bool
+    needs_teacher_inputs: bool = False
 
     @property
     def weights(self) -> dict[str, float]:

@@ -294,6 +294,11 @@ def resolve_stages(config: Mapping[str, Any], names: list[str]) -> dict[str, Sta
             where = f"{key}.objectives.{culprit}" if culprit else f"{key}.task_args"
             raise RecipeError(f"{where}: a distillation objective needs a teacher (set teacher)" if culprit else
                               f"{where}: the {stage['task']} task needs a teacher here (set teacher)")
+        needs_inputs = task_cls.teacher_inputs_needed({o.name: OBJECTIVES[o.name] for o in objectives},
+                                                      **stage["task_args"])
+        if needs_inputs and teacher is None:
+            raise RecipeError(f"{key}.task_args.teacher_cache: a stage that reads a teacher cache needs the recipe's "
+                              "teacher section (its processor and identity are read, its weights are not loaded)")
         if stage["batch_size"] < 1:
             raise RecipeError(f"{key}.batch_size: expected a positive integer, got {stage['batch_size']}")
         if stage["max_length"] < 1:
@@ -334,5 +339,6 @@ def resolve_stages(config: Mapping[str, Any], names: list[str]) -> dict[str, Sta
             student_transform=ComponentSpec.of(stage["student_transform"]),
             sqa_eval=SQAEvalConfig(**sqa) if sqa else None,
             needs_teacher=bool(needs_teacher),
+            needs_teacher_inputs=bool(needs_inputs),
         )
     return specs
