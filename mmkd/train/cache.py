@@ -247,7 +247,7 @@ def cache_stage(recipe: Recipe, stage: str, *, out: str | None = None, top_k: in
     from mmkd.cache.reader import scan_index
     from mmkd.objectives.tokens import DEFAULT_CHUNK
     from mmkd.tasks import TASKS
-    from mmkd.train.stage import _align_vocabularies, build_task_for
+    from mmkd.train.stage import align_vocabularies, build_task_for
     from mmkd.train.strategies import build_strategy
 
     if stage not in recipe.stage_names:
@@ -271,7 +271,7 @@ def cache_stage(recipe: Recipe, stage: str, *, out: str | None = None, top_k: in
     dataset = spec.data.build()
     student = _student_for_inputs(recipe, spec)
     teacher = recipe.teacher.build()
-    _align_vocabularies(student, teacher)
+    align_vocabularies(student, teacher)
     view = getattr(teacher, "inputs_view", None)
     task = build_task_for(spec, student, None, spec.total_steps(len(dataset)))
     collator = task.key_collator(student, teacher, spec.max_length)

@@ -42,7 +42,7 @@ def build_task_for(spec: StageSpec, student: nn.Module, teacher: nn.Module | Non
     return build_task(spec.task, spec.task_args, objectives, student=student, teacher=teacher)
 
 
-def _align_vocabularies(student: nn.Module, teacher: Any) -> None:
+def align_vocabularies(student: nn.Module, teacher: Any) -> None:
     """Same tokenizer, differently padded heads (151,936 vs 152,064 rows): both expose logits over len(tokenizer).
     ``teacher`` may be a teacher's input side (a stage that reads a teacher cache)."""
     from mmkd.models import ImageTextInputs, ImageTextModel, align_vocab
@@ -106,7 +106,7 @@ def build_stage(
     dataset, val_dataset = datasets
     if not (spec.needs_teacher or spec.needs_teacher_inputs):
         teacher = None
-    _align_vocabularies(student, teacher)
+    align_vocabularies(student, teacher)
     task, collate, dataset, total_steps, checked = _task_and_data(spec, student, teacher, dataset)
     if spec.needs_teacher_inputs:
         teacher = None  # the stage reads the teacher from its cache: the module gets no teacher
