@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "AUX_LOSS",
+    "HEAD_GRADIENT",
     "PART_NAMES",
     "VIEW_PARTS",
     "CLIPBatch",
@@ -42,6 +43,9 @@ VIEW_PARTS = ("ffn",)
 # The name of the term a model adds to the loss itself (MoE router losses, already weighted by their coefficients):
 # a stage adds it to the weighted objectives as it is.
 AUX_LOSS = "aux"
+# A term whose value is 0 and whose gradient is that of several objectives' weighted sum, computed in one pass over
+# the student's LM head (mmkd.objectives.head): a stage adds it to the loss as it is and does not log it.
+HEAD_GRADIENT = "_head_gradient"
 
 
 # ---- what a forward pass returns ---------------------------------------------------------------------------------

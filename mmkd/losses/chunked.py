@@ -54,8 +54,8 @@ class _FusedHeadLoss(torch.autograd.Function):
         need_bias = bias is not None and ctx.needs_input_grad[2]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         # The weight gradient is accumulated in float32 even for a bf16/fp16 head; for a float32 head this is
-        # the final gradient tensor itself (no copy).
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        # the final gradient tensor itself (no copy). The first chunk writes it (no zero fill of a (V, H) buffer).
+        grad_weight: Tensor | None = None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for i, group in enumerate(groups):
@@ -71,12 +71,17 @@ class _FusedHeadLoss(torch.autograd.Function):
                 else:
                     grad_hidden.index_add_(0, group, grad_h.to(hidden.dtype))
                 del grad_h
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.float().t(), h.float())
+            if need_weight:
+                if grad_weight is None:
+                    grad_weight = torch.mm(grad_logits.float().t(), h.float())
+                else:
+                    grad_weight.addmm_(grad_logits.float().t(), h.float())
             if grad_bias is not None:
                 grad_bias += grad_logits.float().sum(0)
             # No name may keep this chunk's (n, V) gradient alive into the next chunk.
             del grad_logits, h
+        if need_weight and grad_weight is None:  # no rows at all
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.grads = [grad_hidden, grad_weight, grad_bias]
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype

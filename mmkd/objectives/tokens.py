@@ -30,6 +30,7 @@ from mmkd.losses import (
 )
 from mmkd.losses._common import row_slices
 from mmkd.objectives.base import Objective, answer_positions, answer_targets, check_counts
+from mmkd.objectives.head import HeadTerm, cross_entropy_and_grad
 
 __all__ = [
     "FeatureObjective",
@@ -55,6 +56,13 @@ class LanguageModeling(Objective):
 
     needs_teacher = False
 
+    def head_term(self, student: ModelOutput, teacher: ModelOutput | None, batch: DistillBatch) -> HeadTerm:
+        """This objective's part of a fused head pass (:mod:`mmkd.objectives.head`)."""
+        mask = answer_positions(batch.labels)
+        targets = answer_targets(batch.labels)
+        return HeadTerm(mask, lambda logits, rows, grad: cross_entropy_and_grad(logits, targets[rows], grad),
+                        1.0 / max(1, int(targets.shape[0])), DEFAULT_CHUNK)
+
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: DistillBatch) -> Tensor:
         labels = batch.labels
         hidden = student.last_hidden[answer_positions(labels)]
@@ -72,10 +80,31 @@ class TokenDivergenceObjective(Objective):
         chunk_size: Answer tokens per chunk of logits.
     """
 
+    fusable: ClassVar[bool] = True  # its value and gradient can share a head pass (mmkd.objectives.head)
+
     def __init__(self, loss: TokenDivergence, chunk_size: int = DEFAULT_CHUNK) -> None:
         super().__init__()
         self.loss = loss
         self.chunk_size = chunk_size
+
+    def head_term(self, student: ModelOutput, teacher: ModelOutput, batch: DistillBatch) -> HeadTerm:
+        """This objective's part of a fused head pass (:mod:`mmkd.objectives.head`)."""
+        s_mask = answer_positions(batch.labels)
+        t_mask = answer_positions(batch.teacher_side()[1])
+        check_counts(s_mask, t_mask)
+        t_hidden = teacher.last_hidden[t_mask].detach()
+        loss = self.loss
+
+        def fn(logits: Tensor, rows: slice, grad: bool) -> tuple[Tensor, Tensor | None]:
+            with torch.no_grad():
+                t_logits = teacher.logits(t_hidden[rows]).detach()
+            if not grad:
+                return loss.per_token(logits, t_logits).sum(), None
+            values, g = loss.per_token_and_grad(logits, t_logits, owned=True)
+            return values.sum(), g
+
+        scale = 1.0 / max(1, int(s_mask.sum())) if loss.reduction == "mean" else 1.0
+        return HeadTerm(s_mask, fn, scale, self.chunk_size)
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, batch: DistillBatch) -> Tensor:
         s_mask = answer_positions(batch.labels)
@@ -176,6 +205,7 @@ class TAIDObjective(TokenDivergenceObjective):
     """
 
     context: ClassVar[dict[str, str]] = {"total_steps": "total_steps"}
+    fusable: ClassVar[bool] = False  # its forward also records the value its schedule steps on
 
     def __init__(self, total_steps: int, t_start: float = 0.4, t_end: float = 1.0, alpha: float = 5e-4,
                  beta: float = 0.99, adaptive: bool = True, temperature: float = 1.0, scale_by_t2: bool = False,
@@ -256,17 +286,37 @@ class TopKKLObjective(Objective):
         self.loss = TopKKL(tail=tail, temperature=temperature, scale_by_t2=scale_by_t2)
         self.chunk_size = chunk_size
 
-    def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: DistillBatch) -> Tensor:
-        s_mask = answer_positions(batch.labels)
+    def _targets(self, teacher: ModelOutput | None, batch: DistillBatch, s_mask: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor]:
         if teacher is not None:
             t_mask = answer_positions(batch.teacher_side()[1])
             check_counts(s_mask, t_mask)
-            ids, logprobs, log_tail = answer_topk(teacher, t_mask, self.k or self.LIVE_K, self.chunk_size)
-        elif batch.teacher_topk is not None:
+            return answer_topk(teacher, t_mask, self.k or self.LIVE_K, self.chunk_size)
+        if batch.teacher_topk is not None:
             top = batch.teacher_topk
-            ids, logprobs, log_tail = top.ids, top.logprobs, top.log_tail
-        else:
-            raise ValueError("topk_kl: the batch has neither a teacher's output nor a teacher cache's top-k")
+            return top.ids, top.logprobs, top.log_tail
+        raise ValueError("topk_kl: the batch has neither a teacher's output nor a teacher cache's top-k")
+
+    def head_term(self, student: ModelOutput, teacher: ModelOutput | None, batch: DistillBatch) -> HeadTerm:
+        """This objective's part of a fused head pass (:mod:`mmkd.objectives.head`)."""
+        s_mask = answer_positions(batch.labels)
+        ids, logprobs, log_tail = self._targets(teacher, batch, s_mask)
+        n = int(s_mask.sum())
+        if ids.shape[0] != n:
+            raise ValueError(f"topk_kl: {n} student answer tokens but {ids.shape[0]} teacher rows")
+        loss = self.loss
+
+        def fn(logits: Tensor, rows: slice, grad: bool) -> tuple[Tensor, Tensor | None]:
+            if not grad:
+                return loss.per_token(logits, ids[rows], logprobs[rows], log_tail[rows]).sum(), None
+            values, g = loss.per_token_and_grad(logits, ids[rows], logprobs[rows], log_tail[rows])
+            return values.sum(), g
+
+        return HeadTerm(s_mask, fn, 1.0 / max(1, n) if loss.reduction == "mean" else 1.0, self.chunk_size)
+
+    def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: DistillBatch) -> Tensor:
+        s_mask = answer_positions(batch.labels)
+        ids, logprobs, log_tail = self._targets(teacher, batch, s_mask)
         hidden = student.last_hidden[s_mask]
         if ids.shape[0] != hidden.shape[0]:
             raise ValueError(f"topk_kl: {hidden.shape[0]} student answer tokens but {ids.shape[0]} teacher rows")

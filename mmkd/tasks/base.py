@@ -72,6 +72,15 @@ class Task(Protocol):
         """Frozen models of the task's own besides the teacher (a reference copy): placed like the teacher."""
         ...
 
+    def bind_weights(self, weights: Mapping[str, float]) -> None:
+        """The stage's recipe weights, given once by the stage (a task may fuse objectives' passes with them)."""
+        ...
+
+    def on_micro_batch(self, global_step: int, micro: int) -> None:
+        """Before each training micro-batch: the optimizer step it belongs to and its index within that step on this
+        rank (the same on every rank, and again after a resume: draws seeded by them repeat exactly)."""
+        ...
+
     def on_optimizer_step(self, means: Mapping[str, Tensor]) -> dict[str, float]:
         """Once per optimizer step with each term's mean over the global batch: schedules (TAID). Returns values
         to log (``train/<key>``)."""
@@ -94,6 +103,41 @@ class ObjectiveTask:
 
     def __init__(self, objectives: Mapping[str, Objective]) -> None:
         self.objectives = nn.ModuleDict(dict(objectives))
+        self.weights: dict[str, float] | None = None
+
+    def bind_weights(self, weights: Mapping[str, float]) -> None:
+        self.weights = dict(weights)
+
+    def on_micro_batch(self, global_step: int, micro: int) -> None:
+        return None
+
+    def token_terms(self, student_out: Any, teacher_out: Any, batch: Any,
+                    objectives: Mapping[str, Objective] | None = None) -> dict[str, Tensor]:
+        """Every token objective's term (and extras) on one labelled batch, in recipe order.
+
+        Objectives that read the student's logits at the same answer positions (``head_term``: ``lm``, the token
+        divergences, ``topk_kl``) share one pass over the student's LM head when there are two or more of them and
+        the stage's weights are bound; the gradient of their weighted sum is then carried by
+        :data:`mmkd.contract.HEAD_GRADIENT`.
+        """
+        from mmkd.contract import HEAD_GRADIENT
+        from mmkd.objectives.head import fused_head_terms
+
+        objectives = self.objectives if objectives is None else objectives
+        fused: dict[str, Tensor] = {}
+        terms: dict[str, Tensor] = {}
+        shared = [n for n, o in objectives.items() if hasattr(o, "head_term") and getattr(o, "fusable", True)
+                  and (o.needs_teacher is False or teacher_out is not None or getattr(o, "reads_cache", False))]
+        if self.weights is not None and len(shared) >= 2 and all(n in self.weights for n in shared):
+            heads = {n: objectives[n].head_term(student_out, teacher_out, batch) for n in shared}
+            fused, carrier = fused_head_terms(student_out, heads, self.weights)
+            terms[HEAD_GRADIENT] = carrier
+        for name, objective in objectives.items():
+            if name in fused:
+                terms[name] = fused[name]
+            else:
+                terms.update(self.objective_terms(name, objective(student_out, teacher_out, batch)))
+        return terms
 
     @classmethod
     def teacher_needed(cls, objectives: Mapping[str, type[Objective]], **args: Any) -> bool:

@@ -112,9 +112,7 @@ class DistillTask(ObjectiveTask):
         if teacher is not None and any(o.needs_teacher for o in self.objectives.values()):
             with torch.no_grad():
                 teacher_out = teacher(**batch.teacher_side()[0].kwargs(), output_hidden_states=hidden)
-        terms: dict[str, Tensor] = {}
-        for name, objective in self.objectives.items():
-            terms.update(self.objective_terms(name, objective(student_out, teacher_out, batch)))
+        terms = self.token_terms(student_out, teacher_out, batch)
         if student_out.aux_loss is not None:
             terms[AUX_LOSS] = student_out.aux_loss
         return terms
