@@ -160,7 +160,7 @@ class ImageTextModel(nn.Module):
         last_hidden = out.last_hidden_state
         head = self.hf.get_output_embeddings()
         weight, bias = head.weight, head.bias
-        if self.vocab_limit is not None:
+        if self.vocab_limit is not None and self.vocab_limit < weight.shape[0]:  # a slice's backward costs a copy
             weight = weight[: self.vocab_limit]
             bias = None if bias is None else bias[: self.vocab_limit]
         return ModelOutput(
@@ -241,7 +241,29 @@ class ImageTextModel(nn.Module):
         if self.end_token_ids:
             kwargs.setdefault("eos_token_id", self.end_token_ids)
         prompt_len = kwargs["input_ids"].shape[1]
-        out = self.hf.generate(max_new_tokens=max_new_tokens, **kwargs)
+        handle = None
+        if _partitioned(self.hf):
+            # ZeRO-3: every rank must run every forward with the same modules. Ranks keep stepping until all have
+            # finished (transformers does this only when it knows of DeepSpeed itself), and a text-only prompt runs
+            # the vision path on a blank image where an image prompt runs its images: before the prefill where
+            # transformers encodes images up front (models whose forward takes mm_encoder_outputs), else in it.
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                kwargs.setdefault("synced_gpus", True)
+            if kwargs.get("pixel_values") is None or kwargs["pixel_values"].shape[0] == 0:
+                kwargs.pop("pixel_values", None)
+                base = getattr(self.hf, self.hf.base_model_prefix)
+                if "mm_encoder_outputs" in inspect.signature(self.hf.forward).parameters:
+                    # transformers encodes a prompt's images before the prefill, outside the model's forward
+                    self._vision_anchor(base, inputs.input_ids.device)
+                else:
+                    handle = base.get_input_embeddings().register_forward_hook(self._anchor_hook(base))
+        try:
+            out = self.hf.generate(max_new_tokens=max_new_tokens, **kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
         return out[:, prompt_len:]
 
     def image_inputs(self, images: list[Image.Image]) -> dict[str, Tensor]:

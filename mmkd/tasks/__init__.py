@@ -14,17 +14,19 @@ from mmkd.objectives import Objective
 from mmkd.tasks.base import Collator, ObjectiveTask, Task
 from mmkd.tasks.clip import CLIPTask
 from mmkd.tasks.distill import DistillTask
+from mmkd.tasks.gkd import OnPolicyTask
 from mmkd.tasks.preference import PreferenceTask
 from mmkd.tasks.seq_kd import SeqKDTask
 
-__all__ = ["TASKS", "CLIPTask", "Collator", "DistillTask", "ObjectiveTask", "PreferenceTask", "SeqKDTask", "Task",
-           "build_task"]
+__all__ = ["TASKS", "CLIPTask", "Collator", "DistillTask", "ObjectiveTask", "OnPolicyTask", "PreferenceTask",
+           "SeqKDTask", "Task", "build_task"]
 
 TASKS: dict[str, type[Task]] = {
     "distill": DistillTask,
     "preference": PreferenceTask,
     "clip": CLIPTask,
     "seq_kd": SeqKDTask,
+    "gkd": OnPolicyTask,
 }
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmkd.contract import AUX_LOSS, batch_stats
+from mmkd.contract import AUX_LOSS, HEAD_GRADIENT, batch_stats
 from mmkd.tasks import Task
 from mmkd.train.optim import build_optimizer, build_scheduler
 from mmkd.train.recipe.schema import OptimizerConfig, ScheduleConfig
@@ -117,6 +117,9 @@ class StageModule(L.LightningModule):
         self.task = task
         self.objectives = task.objectives  # a submodule: projectors train, schedules' buffers are checkpointed
         self.weights = dict(weights)
+        bind = getattr(task, "bind_weights", None)
+        if callable(bind):  # tasks may share one head pass between weighted objectives (mmkd.objectives.head)
+            bind(self.weights)
         self.total_steps = max(1, int(total_steps))
         self.train_parts = list(train_parts)
         self.optimizer_cfg = optimizer or OptimizerConfig()
@@ -129,6 +132,7 @@ class StageModule(L.LightningModule):
         self.data_stats_from_step = 0  # the global step data_stats started counting at (after a resume: > 0)
         self._step_sums: Tensor | None = None  # the loss terms summed over this optimizer step's micro-batches
         self._step_count = 0
+        self._micro_in_step = 0  # every micro-batch of this optimizer step, stand-ins included (same on every rank)
         self._step_samples = 0
         self._step_started: float | None = None
         self._term_names: list[str] = []
@@ -194,6 +198,8 @@ class StageModule(L.LightningModule):
         ``aux`` loss."""
         terms = self.task.losses(self.student, self.teacher, batch)
         total = sum(self.weights[name] * terms[name] for name in self.weights)
+        if HEAD_GRADIENT in terms:  # value 0: the gradient of fused objectives, whose values are their own terms
+            total = total + terms.pop(HEAD_GRADIENT)
         if AUX_LOSS in terms:
             total = total + terms[AUX_LOSS]
         terms["loss"] = total
@@ -207,6 +213,8 @@ class StageModule(L.LightningModule):
         if self._step_started is None:
             self._step_started = time.perf_counter()
         self._count_data(batch)
+        self.task.on_micro_batch(self.global_step, self._micro_in_step)
+        self._micro_in_step += 1
         if batch.standin:  # the collator dropped every sample: run the same modules, contribute nothing
             terms = self.compute_losses(batch)
             self._term_names = list(terms)  # this rank joins the step's reduction even if it saw nothing else
@@ -228,6 +236,9 @@ class StageModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         """Once per optimizer step, after its last micro-batch (also a short one at an epoch's end), on every
         rank: the global means of the loss terms, the task's schedules, logging."""
+        if self._inside_accumulation():
+            return
+        self._micro_in_step = 0
         if not self._term_names:
             return
         bs, self._step_samples = max(1, self._step_samples), 0
@@ -236,7 +247,9 @@ class StageModule(L.LightningModule):
         if self._should_log():
             for key, value in logged.items():
                 self.log(f"train/{key}", float(value), batch_size=1)
-            self.log_dict({f"train/{k}": v for k, v in means.items()}, prog_bar=False, batch_size=bs)
+            # Terms named "_..." are a task's raw material for the values it logs itself (on_optimizer_step).
+            self.log_dict({f"train/{k}": v for k, v in means.items() if not k.startswith("_")}, prog_bar=False,
+                          batch_size=bs)
             self.log("loss", means["loss"], prog_bar=True, logger=False, batch_size=bs)
             self.log("train/lr", float(optimizer.param_groups[0]["lr"]), batch_size=1)
             if self._step_started is not None:
@@ -247,8 +260,20 @@ class StageModule(L.LightningModule):
         self._step_started = None
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        inside = self._inside_accumulation()
         super().optimizer_step(*args, **kwargs)
-        self.task.after_optimizer_step(self.student)
+        if not inside:
+            self.task.after_optimizer_step(self.student)
+
+    def _inside_accumulation(self) -> bool:
+        """Whether this micro-batch is not the last of its optimizer step although the optimizer hooks run.
+
+        Under DeepSpeed the engine accumulates: Lightning calls ``on_before_optimizer_step`` and ``optimizer_step``
+        after every micro-batch and the engine steps only at the boundary. The step's means, the task's schedules
+        (TAID's ``t``) and its after-step work (CLIP's logit-scale clamp) belong to the boundary only.
+        """
+        trainer = self.trainer
+        return bool(trainer.strategy.handles_gradient_accumulation and trainer.fit_loop._should_accumulate())
 
     def _global_step_means(self) -> Tensor:
         """Each term's mean over the optimizer step's global batch: its micro-batches, on every rank.
