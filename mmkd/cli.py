@@ -6,13 +6,16 @@ Errors a user can cause end with one line on stderr and exit code 2; a failed st
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from mmkd.console import VERBOSE_ENV, quiet_third_party
+
 __all__ = ["main"]
 
-USAGE = """usage: mmkd [-h] {fit,cache,eval,export,data,demo} ...
+USAGE = """usage: mmkd [-h] [--verbose] {fit,cache,eval,export,data,demo} ...
 
 Distill large vision-language teachers into small multimodal students.
 
@@ -23,10 +26,12 @@ subcommands:
   eval      Score a student or teacher on a ScienceQA-style benchmark:  mmkd eval MODEL --data sqa:DIR
             Score an answer file from any tool:  mmkd eval score ANSWERS.jsonl --data sqa:DIR
   export    Write a run's student as a plain Hugging Face folder:  mmkd export RUN_DIR --out DIR
+            A LoRA stage's adapters alone (peft's format):  mmkd export RUN_DIR --out DIR --adapter-only
   demo      The offline demo: synthetic world, tiny teacher, tiny LLaVA-KD vs. no distillation, evaluation
   data      Data tools:  mmkd data synth-sqa --out DIR | tokenizer --out DIR | tiny-assets --out DIR
 
-Run 'mmkd SUBCOMMAND --help' for the options of each.
+Run 'mmkd SUBCOMMAND --help' for the options of each. --verbose (anywhere on the line) shows every third-party
+message that mmkd filters by default (docs/quickstart.md).
 """
 
 
@@ -208,8 +213,9 @@ def _print_summary(rows: list[dict[str, Any]], run_dir: Any) -> None:
     from rich.table import Table
 
     table = Table(title=f"mmkd fit: {run_dir}")
-    for col in ("stage", "status", "steps", "wall time", "final losses", "student"):
+    for col in ("stage", "status", "steps", "wall time", "final losses"):
         table.add_column(col)
+    table.add_column("student", overflow="fold")  # a path wraps onto more lines rather than being cut short
     for r in rows:
         losses = "  ".join(f"{k}={v:.4g}" for k, v in sorted(r["losses"].items()))
         wall = f"{r['wall_time_s']:.1f}s" if r["wall_time_s"] is not None else "-"
@@ -268,6 +274,10 @@ def _eval(argv: list[str]) -> int:
 def _export(argv: list[str]) -> int:
     from mmkd.train.export import export_command
 
+    # --adapter-only is a flag: without a value it means true
+    flags = ("--adapter-only", "--adapter_only")
+    argv = [a for i, a in enumerate(argv) for a in ([a, "true"] if a in flags and (
+        i + 1 == len(argv) or argv[i + 1].startswith("-")) else [a])]
     _function_command(export_command, argv, "mmkd export")
     return 0
 
@@ -311,7 +321,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"mmkd {__version__}")
         return 0
+    if "--verbose" in args:  # every third-party message too (the filters of mmkd.console are not installed)
+        args = [a for a in args if a != "--verbose"]
+        os.environ[VERBOSE_ENV] = "1"  # the processes Lightning starts for the other ranks see it too
+    if not args:
+        print(USAGE)
+        return 2
     command, rest = args[0], args[1:]
+    if command in ("fit", "cache", "eval", "export", "demo"):
+        quiet_third_party()
     commands = {"fit": lambda: _fit(rest, echo=print), "cache": lambda: _cache(rest, echo=print),
                 "eval": lambda: _eval(rest),
                 "export": lambda: _export(rest), "data": lambda: _data(rest), "demo": lambda: _demo(rest)}

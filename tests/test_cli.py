@@ -173,3 +173,39 @@ def test_export_an_unfinished_stage_from_its_checkpoint(tiny_assets, tmp_path):
     trained = load_student_state(run / entry["checkpoint"])
     assert trained.keys() <= exported.keys()
     assert all(torch.equal(exported[k], v) for k, v in trained.items())
+
+
+def _fit_output(tiny_assets, run, *extra):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "MMKD_VERBOSE", "DS_ACCELERATOR",
+                                                            "HF_HUB_DISABLE_PROGRESS_BARS", "MMKD_FAULT")}
+    proc = subprocess.run([sys.executable, "-m", "mmkd", "fit", str(ROOT / "recipes" / "debug.yaml"), "--run-dir",
+                           str(run), "--data_root", tiny_assets["root"], "--trainer.max_steps", "2", *extra],
+                          env={**env, "COLUMNS": "100"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, proc.stderr
+
+
+def test_the_console_shows_mmkd_lines_only_unless_verbose(tiny_assets, tmp_path):
+    run = tmp_path / "run"
+    out, err = _fit_output(tiny_assets, run)
+    # No third-party line at all: warnings, Lightning's info lines, transformers' progress bars, DeepSpeed's notice.
+    assert err.strip() == "", err[-3000:]
+    for noise in ("Warning", "deprecated", "GPU available", "Tip:", "weights_only", "Loading weights",
+                  "Writing model shards", "accelerator", "Epoch"):
+        assert noise not in out, noise
+    lines = out.splitlines()
+    for stage in ("distill", "sft"):
+        starts = [line for line in lines if line.startswith(f"stage {stage}:") and "samples" in line]
+        assert len(starts) == 1 and "samples, 2 optimizer steps" in starts[0], starts  # one size line per stage
+        bar = [line for line in lines if line.startswith(f"stage {stage} ") and "2/2" in line]
+        assert bar and "loss" in bar[-1], lines  # the bar counts optimizer steps under the stage's name
+    # the summary table wraps the student paths instead of cutting them
+    assert "…" not in out
+    table = "".join(line.split("│")[-2].strip() for line in lines if line.count("│") >= 7)
+    assert str(run / "stages" / "distill" / "student") in table and str(run / "stages" / "sft" / "student") in table
+    _, verbose_err = _fit_output(tiny_assets, tmp_path / "verbose", "--verbose")
+    assert "GPU available" in verbose_err

@@ -1,4 +1,5 @@
-"""Callbacks: crash-safe step checkpoints, and test-only fault injection (added only when asked for)."""
+"""Callbacks: crash-safe step checkpoints, the stage's progress bar, and test-only fault injection (added only when
+asked for)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,53 @@ import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 
 from mmkd.train.rundir import fsync_entry, fsync_path
 
-__all__ = ["FAULT_ENV", "FaultInjection", "StepCheckpoint", "fault_callbacks"]
+__all__ = ["FAULT_ENV", "FaultInjection", "StageProgressBar", "StepCheckpoint", "fault_callbacks"]
 
 # Test-only fault injection: ``MMKD_FAULT=kind:stage:step`` with kind ``kill`` (SIGKILL after that optimizer step,
 # before its checkpoint), ``kill_in_checkpoint`` (SIGKILL after the checkpoint is written, before it is renamed
 # into place), ``raise`` (an exception before that step's first micro-batch) or ``nan`` (that step's first loss term
 # becomes NaN).
 FAULT_ENV = "MMKD_FAULT"
+
+
+class StageProgressBar(RichProgressBar):
+    """Lightning's rich bar counting the stage's optimizer steps (``step/total``, steps per second, elapsed and
+    remaining time, the loss), named after the stage, one bar for the whole stage whatever its epochs."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(leave=True)
+        self.stage = stage
+
+    @property
+    def total_train_batches(self) -> int:
+        return int(self.trainer.max_steps)
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"stage {self.stage}"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.is_disabled:
+            return
+        if self.train_progress_bar_id is None and self.progress is not None:
+            self.train_progress_bar_id = self._add_task(self.total_train_batches, self._get_train_description(0))
+            self._update(self.train_progress_bar_id, trainer.global_step)  # a resumed stage starts where it was
+        self.refresh()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
 
 
 class StepCheckpoint(L.Callback):
