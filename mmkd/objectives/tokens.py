@@ -29,8 +29,9 @@ from mmkd.losses import (
     topk_from_logits,
 )
 from mmkd.losses._common import row_slices
+from mmkd.losses.chunked import default_chunk_size
 from mmkd.objectives.base import Objective, answer_positions, answer_targets, check_counts
-from mmkd.objectives.head import HeadTerm, cross_entropy_and_grad
+from mmkd.objectives.head import HeadTerm, cross_entropy_and_grad, fused_head_terms
 
 __all__ = [
     "FeatureObjective",
@@ -47,8 +48,14 @@ __all__ = [
     "answer_topk",
 ]
 
-# Tokens per chunk of the divergences: 1,024 rows of (chunk, V) logits; the demo's figures were measured with it.
+# Tokens per chunk of logits: at most 1,024 rows (the demo's figures were measured with it) and at most about 64 MiB
+# of float32 logits per side (110 rows at V = 151,936: 1,024 rows there would be 622 MB per chunk and side).
 DEFAULT_CHUNK = 1024
+
+
+def chunk_rows(chunk_size: int | None, vocab_size: int) -> int:
+    """Rows per chunk of ``(rows, V)`` logits: ``chunk_size`` when given, else the default above."""
+    return int(chunk_size) if chunk_size is not None else min(DEFAULT_CHUNK, default_chunk_size(vocab_size))
 
 
 class LanguageModeling(Objective):
@@ -61,14 +68,18 @@ class LanguageModeling(Objective):
         mask = answer_positions(batch.labels)
         targets = answer_targets(batch.labels)
         return HeadTerm(mask, lambda logits, rows, grad: cross_entropy_and_grad(logits, targets[rows], grad),
-                        1.0 / max(1, int(targets.shape[0])), DEFAULT_CHUNK)
+                        1.0 / max(1, int(targets.shape[0])), chunk_rows(None, student.head_weight.shape[0]))
 
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: DistillBatch) -> Tensor:
         labels = batch.labels
         hidden = student.last_hidden[answer_positions(labels)]
         if hidden.shape[0] == 0:  # no answer token in the batch (a generated answer cut to nothing): no loss
             return student.last_hidden.sum().float() * 0.0
-        logits = student.logits(hidden).float()
+        if hidden.shape[0] > chunk_rows(None, student.head_weight.shape[0]):
+            # More rows than one chunk of logits: chunk by chunk, as in a fused pass (no (tokens, V) logits).
+            values, carrier = fused_head_terms(student, {"lm": self.head_term(student, teacher, batch)}, {"lm": 1.0})
+            return values["lm"] + carrier
+        logits = student.logits(hidden).float()  # no larger than one chunk
         return F.cross_entropy(logits, answer_targets(labels))
 
 
@@ -82,7 +93,7 @@ class TokenDivergenceObjective(Objective):
 
     fusable: ClassVar[bool] = True  # its value and gradient can share a head pass (mmkd.objectives.head)
 
-    def __init__(self, loss: TokenDivergence, chunk_size: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, loss: TokenDivergence, chunk_size: int | None = None) -> None:
         super().__init__()
         self.loss = loss
         self.chunk_size = chunk_size
@@ -104,7 +115,7 @@ class TokenDivergenceObjective(Objective):
             return values.sum(), g
 
         scale = 1.0 / max(1, int(s_mask.sum())) if loss.reduction == "mean" else 1.0
-        return HeadTerm(s_mask, fn, scale, self.chunk_size)
+        return HeadTerm(s_mask, fn, scale, chunk_rows(self.chunk_size, student.head_weight.shape[0]))
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, batch: DistillBatch) -> Tensor:
         s_mask = answer_positions(batch.labels)
@@ -116,7 +127,7 @@ class TokenDivergenceObjective(Objective):
             student.head_weight,
             teacher.last_hidden[t_mask].detach(),
             teacher.head_weight.detach(),
-            chunk_size=self.chunk_size,
+            chunk_size=chunk_rows(self.chunk_size, student.head_weight.shape[0]),
         )
 
 
@@ -129,21 +140,21 @@ class ForwardKLObjective(TokenDivergenceObjective):
         chunk_size: Answer tokens per chunk of logits.
     """
 
-    def __init__(self, temperature: float = 1.0, scale_by_t2: bool = False, chunk_size: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, temperature: float = 1.0, scale_by_t2: bool = False, chunk_size: int | None = None) -> None:
         super().__init__(ForwardKL(temperature, scale_by_t2), chunk_size)
 
 
 class ReverseKLObjective(TokenDivergenceObjective):
     """``rkl``: reverse KL(p_S‖p_T) (MiniLLM). Arguments as :class:`ForwardKLObjective`."""
 
-    def __init__(self, temperature: float = 1.0, scale_by_t2: bool = False, chunk_size: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, temperature: float = 1.0, scale_by_t2: bool = False, chunk_size: int | None = None) -> None:
         super().__init__(ReverseKL(temperature, scale_by_t2), chunk_size)
 
 
 class TotalVariationObjective(TokenDivergenceObjective):
     """``tvd``: total variation distance. Arguments as :class:`ForwardKLObjective`."""
 
-    def __init__(self, temperature: float = 1.0, scale_by_t2: bool = False, chunk_size: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, temperature: float = 1.0, scale_by_t2: bool = False, chunk_size: int | None = None) -> None:
         super().__init__(TotalVariation(temperature, scale_by_t2), chunk_size)
 
 
@@ -158,7 +169,7 @@ class JSDObjective(TokenDivergenceObjective):
     """
 
     def __init__(self, beta: float = 0.5, temperature: float = 1.0, scale_by_t2: bool = False,
-                 chunk_size: int = DEFAULT_CHUNK) -> None:
+                 chunk_size: int | None = None) -> None:
         super().__init__(JSD(beta, temperature, scale_by_t2), chunk_size)
 
 
@@ -173,7 +184,7 @@ class SkewKLObjective(TokenDivergenceObjective):
     """
 
     def __init__(self, alpha: float = 0.1, temperature: float = 1.0, scale_by_t2: bool = False,
-                 chunk_size: int = DEFAULT_CHUNK) -> None:
+                 chunk_size: int | None = None) -> None:
         super().__init__(SkewKL(alpha, temperature, scale_by_t2), chunk_size)
 
 
@@ -181,7 +192,7 @@ class SkewReverseKLObjective(TokenDivergenceObjective):
     """``srkl``: α-skew reverse KL (DistiLLM). Arguments as :class:`SkewKLObjective`."""
 
     def __init__(self, alpha: float = 0.1, temperature: float = 1.0, scale_by_t2: bool = False,
-                 chunk_size: int = DEFAULT_CHUNK) -> None:
+                 chunk_size: int | None = None) -> None:
         super().__init__(SkewReverseKL(alpha, temperature, scale_by_t2), chunk_size)
 
 
@@ -209,7 +220,7 @@ class TAIDObjective(TokenDivergenceObjective):
 
     def __init__(self, total_steps: int, t_start: float = 0.4, t_end: float = 1.0, alpha: float = 5e-4,
                  beta: float = 0.99, adaptive: bool = True, temperature: float = 1.0, scale_by_t2: bool = False,
-                 chunk_size: int = DEFAULT_CHUNK, update_on: Literal["kl", "ce"] = "kl") -> None:
+                 chunk_size: int | None = None, update_on: Literal["kl", "ce"] = "kl") -> None:
         super().__init__(TAID(total_steps, t_start, t_end, alpha, beta, adaptive, temperature, scale_by_t2,
                               update_on=update_on), chunk_size)
         self._update: Tensor | None = None
@@ -232,7 +243,7 @@ class TAIDObjective(TokenDivergenceObjective):
         return {"t": float(self.loss.interpolation)}
 
 
-def answer_topk(output: ModelOutput, mask: Tensor, k: int, chunk_size: int = DEFAULT_CHUNK
+def answer_topk(output: ModelOutput, mask: Tensor, k: int, chunk_size: int | None = None
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """A model's top-k at the selected positions, logits computed ``chunk_size`` rows at a time.
 
@@ -240,15 +251,17 @@ def answer_topk(output: ModelOutput, mask: Tensor, k: int, chunk_size: int = DEF
         output: The (teacher's) forward output.
         mask: ``(B, T)`` bool, the positions (row-major order).
         k: Entries per position.
-        chunk_size: Rows of logits at a time.
+        chunk_size: Rows of logits at a time (default: :func:`chunk_rows`).
 
     Returns:
         ids ``(N, k)`` long, log-probabilities ``(N, k)`` float32, log tail ``(N,)`` float32
         (:func:`mmkd.losses.topk_from_logits`): what ``mmkd cache`` stores and what ``topk_kl`` computes live.
     """
     hidden = output.last_hidden[mask].detach()
+    rows_per_chunk = chunk_rows(chunk_size, output.head_weight.shape[0])
     with torch.no_grad():
-        parts = [topk_from_logits(output.logits(hidden[rows]), k) for rows in row_slices(hidden.shape[0], chunk_size)]
+        parts = [topk_from_logits(output.logits(hidden[rows]), k)
+                 for rows in row_slices(hidden.shape[0], rows_per_chunk)]
     if not parts:
         return (torch.zeros(0, k, dtype=torch.long, device=hidden.device),
                 torch.zeros(0, k, dtype=torch.float32, device=hidden.device),
@@ -278,7 +291,7 @@ class TopKKLObjective(Objective):
     LIVE_K = 64
 
     def __init__(self, k: int | None = None, tail: Literal["bucket", "renormalize"] = "bucket",
-                 temperature: float = 1.0, scale_by_t2: bool = False, chunk_size: int = DEFAULT_CHUNK) -> None:
+                 temperature: float = 1.0, scale_by_t2: bool = False, chunk_size: int | None = None) -> None:
         super().__init__()
         if k is not None and k < 1:
             raise ValueError(f"k={k}: expected a positive number of entries per position")
@@ -312,7 +325,8 @@ class TopKKLObjective(Objective):
             values, g = loss.per_token_and_grad(logits, ids[rows], logprobs[rows], log_tail[rows])
             return values.sum(), g
 
-        return HeadTerm(s_mask, fn, 1.0 / max(1, n) if loss.reduction == "mean" else 1.0, self.chunk_size)
+        return HeadTerm(s_mask, fn, 1.0 / max(1, n) if loss.reduction == "mean" else 1.0,
+                        chunk_rows(self.chunk_size, student.head_weight.shape[0]))
 
     def forward(self, student: ModelOutput, teacher: ModelOutput | None, batch: DistillBatch) -> Tensor:
         s_mask = answer_positions(batch.labels)
@@ -322,7 +336,8 @@ class TopKKLObjective(Objective):
             raise ValueError(f"topk_kl: {hidden.shape[0]} student answer tokens but {ids.shape[0]} teacher rows")
         return chunked_token_loss(self.loss, hidden, student.head_weight, head_bias=student.head_bias,
                                   teacher_topk_indices=ids, teacher_topk_logprobs=logprobs,
-                                  teacher_topk_log_tail=log_tail, chunk_size=self.chunk_size)
+                                  teacher_topk_log_tail=log_tail,
+                                  chunk_size=chunk_rows(self.chunk_size, student.head_weight.shape[0]))
 
 
 class FeatureObjective(Objective):

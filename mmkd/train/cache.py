@@ -94,7 +94,7 @@ class CacheModule(L.LightningModule):
 
     def __init__(self, teacher: nn.Module, dataset: Dataset, collator: Any, unique: list[tuple[int, str]],
                  done: set[str], *, folder: Path, spec: Any, batch_size: int, num_workers: int, k: int,
-                 chunk_size: int, preference: bool, shard_records: int = SHARD_RECORDS,
+                 chunk_size: int | None, preference: bool, shard_records: int = SHARD_RECORDS,
                  echo: Callable[[str], None] = print) -> None:
         super().__init__()
         object.__setattr__(self, "teacher", teacher)  # not a submodule: never wrapped, converted or checkpointed
@@ -245,7 +245,6 @@ def cache_stage(recipe: Recipe, stage: str, *, out: str | None = None, top_k: in
     from mmkd.cache.folder import read_header
     from mmkd.cache.join import STORED_ANSWER, STORED_SEQUENCE, dataset_keys, teacher_spec
     from mmkd.cache.reader import scan_index
-    from mmkd.objectives.tokens import DEFAULT_CHUNK
     from mmkd.tasks import TASKS
     from mmkd.train.stage import align_vocabularies, build_task_for
     from mmkd.train.strategies import build_strategy
@@ -311,7 +310,7 @@ def cache_stage(recipe: Recipe, stage: str, *, out: str | None = None, top_k: in
         raise RecipeError(f"--batch-size {per_batch}, --shard-records {shard_records}: expected positive numbers")
     per_shard = -(-int(shard_records or SHARD_RECORDS) // per_batch) * per_batch
     module = CacheModule(teacher, dataset, collator, unique, done, folder=folder, spec=cache_spec,
-                         batch_size=per_batch, num_workers=int(tr.num_workers or 0), k=k, chunk_size=DEFAULT_CHUNK,
+                         batch_size=per_batch, num_workers=int(tr.num_workers or 0), k=k, chunk_size=None,
                          preference=preference, shard_records=per_shard, echo=echo)
     trainer = L.Trainer(accelerator=tr.accelerator, devices=tr.devices, num_nodes=int(tr.num_nodes or 1),
                         strategy=build_strategy(strategy, accelerator=tr.accelerator, spec=spec, student=None),
