@@ -53,6 +53,27 @@ def export_student(
     return out
 
 
+def export_adapter(student: Any, out_dir: str) -> Path:
+    """Write a LoRA student's adapters alone to ``out_dir`` in peft's format (``adapter_config.json`` naming the base
+    folder, ``adapter_model.safetensors``).
+
+    Args:
+        student: A :class:`mmkd.models.LoRAStudent` holding the trained adapters.
+        out_dir: Destination folder (created).
+
+    Returns:
+        ``Path(out_dir)``.
+    """
+    save = getattr(student, "save_adapter", None)
+    if not callable(save):
+        raise ValueError(f"--adapter-only: a {type(student).__name__} has no adapters (use mmkd.models.LoRA as the "
+                         "stage's student_transform)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save(out)
+    return out
+
+
 def _plain(obj: Any) -> Any:
     """Recipe values as YAML-safe builtins (paths and other objects become strings)."""
     if isinstance(obj, dict):

@@ -32,7 +32,8 @@ class PreferenceTask(ObjectiveTask):
 
     Args:
         objectives: The stage's objectives by recipe name.
-        reference: ``teacher`` or ``initial_student``.
+        reference: ``teacher``, ``initial_student``, or ``base_adapters_off`` (a LoRA student's base with its
+            adapters disabled: the starting student without a second copy; every trained part must be adapted).
         average: Length-averaged log-probabilities; None: only for the ``ipo`` loss, which expects them.
         teacher_cache: A teacher cache folder holding the teacher's answer log-probabilities (``reference:
             teacher`` only), or None for the live teacher.
@@ -42,7 +43,8 @@ class PreferenceTask(ObjectiveTask):
     accepts = ("preference", "tokens")
     requires = ("preference",)
 
-    def __init__(self, objectives: dict[str, Objective], reference: Literal["teacher", "initial_student"] = "teacher",
+    def __init__(self, objectives: dict[str, Objective],
+                 reference: Literal["teacher", "initial_student", "base_adapters_off"] = "teacher",
                  average: bool | None = None, teacher_cache: str | None = None,
                  on_missing: Literal["error", "skip"] = "error") -> None:
         super().__init__(objectives)
@@ -85,7 +87,11 @@ class PreferenceTask(ObjectiveTask):
                                    self.teacher_cache)
 
     def prepare(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        if self.reference_kind == "initial_student":
+        if self.reference_kind == "base_adapters_off":  # a LoRA student's base: no second copy of the model
+            from mmkd.models.lora import AdaptersOff
+
+            self.reference = AdaptersOff(student)
+        elif self.reference_kind == "initial_student":
             reference = copy.deepcopy(student)
             if hasattr(reference, "freeze"):
                 reference.freeze()

@@ -173,6 +173,7 @@ class Runner:
             self._students[names[0]] = self.build_student(names[0])
         except (ModelNotFoundError, OSError) as err:
             raise RecipeError(f"student: {_one_line(err)}") from None
+        self._check_later_transforms(names)
 
     def _init_elsewhere(self, stage: str) -> bool:
         init = self.recipe.stage(stage).init_from
@@ -220,7 +221,30 @@ class Runner:
                 raise RecipeError(f"stages.{name}.init_from: {folder} is not a student folder (is stage {init} done?)")
             student = self.reload_student(folder)
         transform = spec.student_transform.build() if spec.student_transform is not None else None
-        return transform(student) if transform is not None else student
+        if transform is None:
+            return student
+        try:
+            return transform(student)
+        except ValueError as err:  # the transform's arguments do not fit this student (a LoRA target matches nothing)
+            raise RecipeError(f"stages.{name}.student_transform: {_one_line(err)}") from None
+
+    def _check_later_transforms(self, names: list[str]) -> None:
+        """Check later stages' transforms that can (``check(student)``: LoRA's targets) against the first stage's
+        student, while each stage starts from the one before and keeps its layers (no transform, or a checkable one)."""
+        student = self._students[names[0]]
+        for previous, name in zip(names, names[1:]):
+            spec = self.recipe.stage(name)
+            if spec.init_from != previous:
+                return
+            if spec.student_transform is None:
+                continue
+            check = getattr(spec.student_transform.build(), "check", None)
+            if check is None:
+                return  # this transform may change the layers a later stage's check would look for
+            try:
+                check(student)
+            except ValueError as err:
+                raise RecipeError(f"stages.{name}.student_transform: {_one_line(err)}") from None
 
     def _later_needs_teacher(self, name: str) -> bool:
         names = self.recipe.stage_names
@@ -245,7 +269,7 @@ class Runner:
         import lightning as L
         import torch
 
-        from mmkd.train.stage import build_stage
+        from mmkd.train.stage import build_stage, parameter_counts
 
         run = self.run_dir
         spec = self.recipe.stage(name)
@@ -255,7 +279,8 @@ class Runner:
         if ckpt_path is not None and not ckpt_path.exists():
             raise RunError(f"stage {name}: the manifest points at {ckpt_path}, which is missing")
         resume = ckpt_path is not None
-        self.echo(f"stage {name}: {'resuming from ' + ckpt_path.name if resume else 'starting'}")
+        if resume:  # a fresh start is announced by the stage's size line (mmkd.train.stage.build_stage)
+            self.echo(f"stage {name}: resuming from {ckpt_path.name}")
         manifest.update(name, status=RUNNING, started=entry.get("started") or now(), error=None,
                         attempts=int(entry.get("attempts", 0)) + 1)
         t0 = time.time()
@@ -270,6 +295,7 @@ class Runner:
             data = self._datasets.pop(name, None)
             trainer, module, datamodule = build_stage(spec, student, teacher, run, on_saved, echo=self.echo,
                                                       datasets=data)
+            parameters = parameter_counts(module)
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if resume else None)
             if trainer.interrupted:
                 raise RunError(f"stage {name}: interrupted at step {trainer.global_step}")
@@ -295,7 +321,7 @@ class Runner:
             manifest.update(
                 name, status=DONE, ended=now(), global_step=int(trainer.global_step),
                 wall_time_s=round(float(entry.get("wall_time_s", 0.0)) + time.time() - t0, 2),
-                metrics=metrics, student=run.relative(final_dir), data=data_summary,
+                metrics=metrics, student=run.relative(final_dir), data=data_summary, parameters=parameters,
             )
         except RecipeError:
             manifest.update(name, status=FAILED, ended=now(), error="bad recipe value")

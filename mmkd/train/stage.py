@@ -14,7 +14,7 @@ from mmkd.train.callbacks import StepCheckpoint, fault_callbacks
 from mmkd.train.recipe import RecipeError, StageSpec, import_path
 from mmkd.train.rundir import RunDir
 
-__all__ = ["build_logger", "build_stage", "build_task_for"]
+__all__ = ["build_logger", "build_stage", "build_task_for", "parameter_counts"]
 
 
 def build_logger(spec: Any, stage_dir: Path, logs_dir: Path):
@@ -30,6 +30,22 @@ def build_logger(spec: Any, stage_dir: Path, logs_dir: Path):
     if "save_dir" in inspect.signature(cls).parameters and "save_dir" not in init_args:
         init_args["save_dir"] = str(logs_dir)
     return cls(**init_args)
+
+
+def _numel(p: Any) -> int:
+    """Elements of a parameter as the model sees it (a 4-bit tensor stores two per byte in a flat buffer)."""
+    state = getattr(p, "quant_state", None)
+    if state is not None:
+        return int(state.shape.numel())
+    return int(getattr(p, "ds_numel", None) or p.numel())  # a ZeRO-3 partition: the whole tensor's count
+
+
+def parameter_counts(module: Any) -> dict[str, Any]:
+    """The stage's trainable student parameters (in total and per part) and the student's total."""
+    parts = {part: sum(_numel(p) for _, p in params) for part, params in module.named_trainable_groups().items()
+             if part != "objectives"}
+    total = sum(_numel(p) for p in {id(p): p for p in module.student.parameters()}.values())
+    return {"trainable": sum(parts.values()), "total": total, "parts": parts}
 
 
 def build_task_for(spec: StageSpec, student: nn.Module, teacher: nn.Module | None, total_steps: int):
@@ -127,9 +143,9 @@ def build_stage(
         sqa = asdict(spec.sqa_eval)
         callbacks.append(ScienceQAEval(out_dir=run.eval_dir(spec.name, sqa["split"], sqa["mode"]), **sqa))
     if tr.enable_progress_bar:
-        from lightning.pytorch.callbacks import RichProgressBar
+        from mmkd.train.callbacks import StageProgressBar
 
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(StageProgressBar(spec.name))
     trainer = L.Trainer(
         accelerator=tr.accelerator,
         devices=tr.devices,
@@ -152,6 +168,11 @@ def build_stage(
         default_root_dir=str(run.stage_dir(spec.name)),
         deterministic=False,
     )
-    echo(f"stage {spec.name}: {len(dataset)} samples, {total_steps} optimizer steps, micro-batch "
-         f"{spec.micro_batch_size} x {spec.accumulate} accumulation")
+    world = trainer.num_devices * trainer.num_nodes
+    counts = parameter_counts(module)
+    trained = ", ".join(f"{part} {n:,}" for part, n in counts["parts"].items())
+    echo(f"stage {spec.name}: {spec.task}, {len(dataset)} samples, {total_steps} optimizer steps of "
+         f"{spec.batch_size} (micro-batch {spec.micro_batch_size} x {spec.accumulate} accumulation"
+         f"{f' x {world} processes' if world > 1 else ''}); {counts['trainable']:,} of {counts['total']:,} "
+         f"student parameters train ({trained})")
     return trainer, module, datamodule

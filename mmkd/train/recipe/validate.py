@@ -288,6 +288,12 @@ def resolve_stages(config: Mapping[str, Any], names: list[str]) -> dict[str, Sta
                 raise RecipeError(f"{key}.train: unknown part {part!r} (expected one of {', '.join(PART_NAMES)})")
         objectives = _objectives(stage, key, task_cls)
         _probe(objectives, stage, key, task_cls)
+        transform = ComponentSpec.of(stage["student_transform"])
+        if transform is not None:  # built once, so its own checks of its values (a LoRA rank >= 1) run at load
+            try:
+                transform.build()
+            except (ValueError, TypeError) as err:
+                raise RecipeError(f"{key}.student_transform: {' '.join(str(err).split())}") from None
         needs_teacher = task_cls.teacher_needed({o.name: OBJECTIVES[o.name] for o in objectives}, **stage["task_args"])
         if needs_teacher and teacher is None:
             culprit = next((o.name for o in objectives if OBJECTIVES[o.name].needs_teacher), None)
@@ -336,7 +342,7 @@ def resolve_stages(config: Mapping[str, Any], names: list[str]) -> dict[str, Sta
             max_length=int(stage["max_length"]),
             trainer=trainer,
             init_from=init_from or ("recipe" if index == 0 else names[index - 1]),
-            student_transform=ComponentSpec.of(stage["student_transform"]),
+            student_transform=transform,
             sqa_eval=SQAEvalConfig(**sqa) if sqa else None,
             needs_teacher=bool(needs_teacher),
             needs_teacher_inputs=bool(needs_inputs),
