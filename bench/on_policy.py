@@ -41,7 +41,7 @@ def main() -> None:
     from mmkd.models import LlavaModel
     from mmkd.tasks.sequences import answer_batch, trim_answers
     from mmkd.train.recipe import load_recipe
-    from mmkd.train.stage import _align_vocabularies, build_task_for
+    from mmkd.train.stage import align_vocabularies, build_task_for
 
     demo = Path(args.demo_root)
     recipe = load_recipe(ROOT / "recipes" / "tiny" / "gkd.yaml", ["--demo_root", str(demo)])
@@ -49,7 +49,7 @@ def main() -> None:
     teacher = recipe.teacher.build().freeze()
     folder = args.student or str(demo / "kd" / "stages" / "dft" / "student")
     student = recipe.student.build() if folder == "recipe" else LlavaModel(folder)
-    _align_vocabularies(student, teacher)
+    align_vocabularies(student, teacher)
     data = spec.data.build()
     task = build_task_for(spec, student, teacher, spec.total_steps(len(data)))
     task.bind_weights(spec.weights)

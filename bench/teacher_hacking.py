@@ -59,7 +59,7 @@ def proxy(student_dir: str, teacher_dir: str, world: str, max_new_tokens: int = 
     collate = MultimodalCollator.for_models(student, teacher, max_length=128, prompts=True)
     sums = {k: 0.0 for k in ("jsd_tf", "kl_tf", "jsd_own", "kl_own")}
     counts = {"tf": 0, "own": 0}
-    jsd, kl = JSD(0.5, reduction="sum"), ForwardKL(reduction="sum")
+    jsd, kl = JSD(0.5), ForwardKL()
     with torch.no_grad():
         for start in range(0, len(data), 32):
             batch = collate([data[i] for i in range(start, min(start + 32, len(data)))])
@@ -70,8 +70,8 @@ def proxy(student_dir: str, teacher_dir: str, world: str, max_new_tokens: int = 
                 s_out, t_out = student(**b.inputs.kwargs()), teacher(**b.teacher_side()[0].kwargs())
                 s = s_out.logits(s_out.last_hidden[answer_positions(b.labels)]).float()
                 t = t_out.logits(t_out.last_hidden[answer_positions(b.teacher_side()[1])]).float()
-                sums[f"jsd_{tag}"] += float(jsd(s, t))
-                sums[f"kl_{tag}"] += float(kl(s, t))
+                sums[f"jsd_{tag}"] += float(jsd.per_token(s, t).sum())
+                sums[f"kl_{tag}"] += float(kl.per_token(s, t).sum())
                 counts[tag] += s.shape[0]
     return {k: v / max(1, counts[k.split("_")[1]]) for k, v in sums.items()}
 
@@ -89,7 +89,7 @@ def run_seed(out: Path, seed: int) -> dict[str, dict]:
             mmkd("fit", str(RECIPE), "--demo_root", str(demo), "--seed", str(seed), "--run_dir", str(run),
                  "--stage", "dft", "--stages.dft.init_from", str(start), "--trainer.enable_progress_bar", "false",
                  *overrides)
-            mmkd("eval", str(run), "--data", f"sqa:{demo / 'world'}", "--split", "test")
+            mmkd("eval", str(run), "--data", f"sqa:{demo / 'world'}", "--split", "test", "--max-new-tokens", "6")
             print(f"seed {seed} {method}: {time.time() - t0:.0f} s", flush=True)
         metrics = json.loads((run / "eval" / "dft" / "test-generate" / "metrics.json").read_text())
         stage = json.loads((run / "manifest.json").read_text())["stages"]["dft"]
