@@ -13,7 +13,7 @@ from mmkd.contract import HEAD_GRADIENT, DistillBatch, ModelInputs, ModelOutput
 from mmkd.objectives import build_objective
 from mmkd.tasks import build_task
 
-V, H, T, ANSWERS = 151_936, 896, 2_048, 1_024
+V, H, T, ANSWERS = 151_936, 896, 2_048, 512
 
 
 class LargestOutputs(TorchDispatchMode):
@@ -65,7 +65,7 @@ def _largest(names, weights=None):
 
 def test_fused_lm_and_kl_at_real_shapes_never_build_a_tokens_by_vocabulary_tensor():
     forward, backward = _largest(["lm", "kl"], {"lm": 1.0, "kl": 1.0})
-    # chunks of about 110 rows (64 MiB of float32 logits); the answer rows' logits would be 1,024, the sequence's 2,048
+    # chunks of about 110 rows (64 MiB of float32 logits); the answer rows would be 512, the whole sequence 2,048
     assert 0 < forward.rows[0] <= ANSWERS // 4, forward.rows
     assert backward.rows[0] <= ANSWERS // 4, backward.rows  # (the fused pass computed its gradients going forward)
     assert backward.head_sized  # the backward was observed: it returned the head's gradient
