@@ -15,7 +15,7 @@ from mmkd.console import VERBOSE_ENV, quiet_third_party
 
 __all__ = ["main"]
 
-USAGE = """usage: mmkd [-h] [--verbose] {fit,cache,eval,export,data,demo} ...
+USAGE = """usage: mmkd [-h] [--verbose] {fit,cache,eval,export,report,data,demo} ...
 
 Distill large vision-language teachers into small multimodal students.
 
@@ -27,6 +27,7 @@ subcommands:
             Score an answer file from any tool:  mmkd eval score ANSWERS.jsonl --data sqa:DIR
   export    Write a run's student as a plain Hugging Face folder:  mmkd export RUN_DIR --out DIR
             A LoRA stage's adapters alone (peft's format):  mmkd export RUN_DIR --out DIR --adapter-only
+  report    An HTML page with plots of a run, or runs side by side:  mmkd report RUN_DIR [--compare RUN_DIR ...]
   demo      The offline demo: synthetic world, tiny teacher, tiny LLaVA-KD vs. no distillation, evaluation
   data      Data tools:  mmkd data synth-sqa --out DIR | tokenizer --out DIR | tiny-assets --out DIR
 
@@ -303,6 +304,42 @@ def _data(argv: list[str]) -> int:
     return 0
 
 
+REPORT_HELP = """usage: mmkd report RUN_DIR [--compare RUN_DIR ...] [--names NAME ...] [--out DIR]
+
+Write an HTML page (self-contained) and its PNGs for a run: each stage's loss terms, learning rate and throughput
+against step, the evaluation tables (overall and per category), the data summary per stage. With --compare, the
+runs side by side (e.g. a teacher and two students). Default output: RUN_DIR/report/ (RUN_DIR/report/compare/
+with --compare).
+"""
+
+
+def _report(argv: list[str]) -> int:
+    import argparse
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(REPORT_HELP)
+        return 0
+    parser = argparse.ArgumentParser(prog="mmkd report", add_help=False, exit_on_error=False)
+    parser.add_argument("run_dir")
+    parser.add_argument("--compare", nargs="+", default=[])
+    parser.add_argument("--names", nargs="+", default=None)
+    parser.add_argument("--out", default=None)
+    try:
+        args = parser.parse_args(argv)
+    except (argparse.ArgumentError, SystemExit) as err:
+        raise UsageError(f"report: {err} (see mmkd report --help)") from None
+    from pathlib import Path
+
+    runs = [args.run_dir, *args.compare]
+    for run in runs:
+        if not Path(run).is_dir():
+            raise UsageError(f"report: {run}: not a folder (expected a run directory)")
+    from mmkd.report import write_report
+
+    print(f"wrote {write_report(runs, out=args.out, names=args.names)}")
+    return 0
+
+
 def _demo(argv: list[str]) -> int:
     from mmkd.demo import demo_command
 
@@ -328,13 +365,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 2
     command, rest = args[0], args[1:]
-    if command in ("fit", "cache", "eval", "export", "demo"):
+    if command in ("fit", "cache", "eval", "export", "demo", "report"):
         quiet_third_party()
     commands = {"fit": lambda: _fit(rest, echo=print), "cache": lambda: _cache(rest, echo=print),
                 "eval": lambda: _eval(rest),
-                "export": lambda: _export(rest), "data": lambda: _data(rest), "demo": lambda: _demo(rest)}
+                "export": lambda: _export(rest), "data": lambda: _data(rest), "demo": lambda: _demo(rest),
+                "report": lambda: _report(rest)}
     if command not in commands:
-        return _fail(f"unknown subcommand {command!r} (expected one of fit, cache, eval, export, data, demo)")
+        return _fail(f"unknown subcommand {command!r} (expected one of fit, cache, eval, export, report, data, demo)")
     try:
         return commands[command]()
     except _user_errors() as err:

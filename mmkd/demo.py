@@ -325,6 +325,7 @@ def _demo(out: str, seed: int, n: int, labelled: int, transfer: int, teacher_ste
             where = root / "eval" / name / f"test-{mode}"
             entry[mode] = _evaluate(str(run), world, "test", where, mode, eval_batch_size)
             skills[mode] = _by_skill(world, where / "answers.jsonl")
+            _copy_into_run(where, run, f"test-{mode}")
         entry["headline"] = HEADLINE
         entry["skills"] = skills
         entry["parameters"] = _count_parameters(run)
@@ -355,10 +356,25 @@ def _demo(out: str, seed: int, n: int, labelled: int, transfer: int, teacher_ste
         "seconds": timings,
     }
     (root / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    from mmkd.report import write_report
+
+    page = write_report(list(runs.values()), out=root / "report", names=list(runs))
     print()
     print(results_table(results))
+    print(f"report of the three models: {page}")
     print(f"wrote {root / 'results.json'} in {timings['total']:.0f} s")
     return results
+
+
+def _copy_into_run(evaluation: Path, run: Path, folder: str) -> None:
+    """The demo's evaluation of a run, also where ``mmkd report`` reads a run's evaluations
+    (``RUN/eval/<last stage>/<split>-<mode>/``)."""
+    manifest = json.loads((run / "manifest.json").read_text())
+    last = list(manifest["stages"])[-1]
+    target = run / "eval" / last / folder
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(evaluation, target)
 
 
 def _white_background_processor(folder: Path, image_size: int) -> None:

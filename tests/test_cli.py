@@ -209,3 +209,17 @@ def test_the_console_shows_mmkd_lines_only_unless_verbose(tiny_assets, tmp_path)
     assert str(run / "stages" / "distill" / "student") in table and str(run / "stages" / "sft" / "student") in table
     _, verbose_err = _fit_output(tiny_assets, tmp_path / "verbose", "--verbose")
     assert "GPU available" in verbose_err
+
+
+def test_report_command_writes_the_page_of_runs_side_by_side(tiny_assets, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", str(ROOT / "recipes" / "debug.yaml"), "--run-dir", str(run), "--data_root",
+                 tiny_assets["root"], "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"]) == 0
+    assert main(["report", str(run)]) == 0
+    page = (run / "report" / "index.html").read_text()
+    assert "distill" in page and "sft" in page and "data:image/png;base64," in page
+    assert main(["report", str(run), "--compare", str(run), "--names", "a", "b", "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "index.html").is_file()
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "missing: not a folder" in capsys.readouterr().err

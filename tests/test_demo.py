@@ -33,6 +33,8 @@ def demo(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_results_json_structure(demo):
     out, results = demo
+    page = (out / "report" / "index.html").read_text()  # the demo ends with the report of its three models
+    assert all(name in page for name in MODELS) and "data:image/png;base64," in page
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
     assert set(on_disk) == {*MODELS, "setting"}
@@ -45,6 +47,9 @@ def test_results_json_structure(demo):
             metrics = entry[mode]
             # METRICS are eval's metrics.json, unchanged
             assert metrics == json.loads((out / "eval" / name / f"test-{mode}" / "metrics.json").read_text())
+            run = out / {"teacher": "teacher", "student_kd": "kd", "student_no_kd": "no_kd"}[name]
+            stage = list(json.loads((run / "manifest.json").read_text())["stages"])[-1]
+            assert metrics == json.loads((run / "eval" / stage / f"test-{mode}" / "metrics.json").read_text())
             assert metrics["mode"] == mode
             assert metrics["count"] == test_size
             assert set(metrics["categories"]) == CATEGORIES
