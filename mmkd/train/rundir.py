@@ -5,8 +5,9 @@ Layout of ``RUN_DIR``::
     recipe.yaml                  the resolved recipe of the run
     manifest.json                provenance and per-stage status (written atomically: temp, fsync, rename, fsync)
     stages/<name>/checkpoints/   step-XXXXXXXX.ckpt (a file, or a folder under DeepSpeed)
-    stages/<name>/logs/          the stage's logger output (CSV by default)
+    stages/<name>/logs/          the stage's CSV log (metrics.csv)
     stages/<name>/student/       the student once the stage is done (a plain transformers folder)
+    logs/<logger>/               a ``class_path`` logger's one run of all stages; logs/<logger>.json its run's id
     eval/<stage>/<split>-<mode>/ answers.jsonl and metrics.json (``mmkd eval``, per-stage ``sqa_eval``)
     report/                      ``mmkd report``'s page and plots
     caches/<stage>/              ``mmkd cache``'s teacher cache of a stage (by default)
@@ -27,10 +28,20 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DONE", "FAILED", "PENDING", "RUNNING", "Manifest", "RunDir", "atomic_write_text", "fsync_entry",
-           "fsync_path", "is_rank_zero", "publish"]
+__all__ = ["DONE", "FAILED", "PENDING", "RUNNING", "Manifest", "RunDir", "atomic_write_text", "flatten_config",
+           "fsync_entry", "fsync_path", "is_rank_zero", "publish"]
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+
+
+def flatten_config(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested recipe mapping as ``{"stages.sft.optimizer.lr": value, ...}`` (an empty mapping keeps its key)."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(flatten_config(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    return {prefix: value}
 
 
 def now() -> str:
@@ -185,6 +196,10 @@ class RunDir:
 
     def logs(self, stage: str) -> Path:
         return self.stage_dir(stage) / "logs"
+
+    def run_logs(self, logger: str) -> tuple[Path, Path]:
+        """A recipe-wide logger's folder (``logs/tensorboard``) and its state file (run id, hyper-parameters marker)."""
+        return self.root / "logs" / logger, self.root / "logs" / f"{logger}.json"
 
     def metrics_csv(self, stage: str) -> Path:
         """The CSV logger's file of a stage."""

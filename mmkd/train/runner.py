@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mmkd.train.recipe import EXECUTION_KEYS, Recipe, RecipeError, StageSpec
-from mmkd.train.rundir import DONE, FAILED, PENDING, RUNNING, Manifest, RunDir, now, publish
+from mmkd.train.rundir import DONE, FAILED, PENDING, RUNNING, Manifest, RunDir, flatten_config, now, publish
 
 __all__ = ["RunError", "Runner", "recipe_diff", "run_recipe", "summary_rows"]
 
@@ -25,18 +25,11 @@ class RunError(RuntimeError):
     """A stage failed; the manifest records it and the next run retries from the last checkpoint."""
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out or {prefix: {}}
-    return {prefix: value}
 
 
 def recipe_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two resolved recipes."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten_config(old), flatten_config(new)
     return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
 
 

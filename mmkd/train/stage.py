@@ -12,24 +12,111 @@ from torch import nn
 
 from mmkd.train.callbacks import StepCheckpoint, fault_callbacks
 from mmkd.train.recipe import RecipeError, StageSpec, import_path
-from mmkd.train.rundir import RunDir
+from mmkd.train.rundir import RunDir, flatten_config
 
 __all__ = ["build_logger", "build_stage", "build_task_for", "parameter_counts"]
 
 
-def build_logger(spec: Any, stage_dir: Path, logs_dir: Path):
-    """The stage's logger: CSV by default, or any Lightning logger given as ``class_path``/``init_args``."""
+def _one_folder(args: dict[str, Any], state: dict[str, Any], run: RunDir) -> None:
+    """CSV, TensorBoard: every stage writes into the logger's folder itself (no ``version_N`` per stage)."""
+    args.setdefault("name", "")
+    args.setdefault("version", "")
+
+
+def _tensorboard_run(args: dict[str, Any], state: dict[str, Any], run: RunDir) -> None:
+    _one_folder(args, state, run)
+    args.setdefault("default_hp_metric", False)  # else a -1 placeholder curve under the first stage's prefix
+
+
+def _mlflow_run(args: dict[str, Any], state: dict[str, Any], run: RunDir) -> None:
+    import os
+
+    args.setdefault("experiment_name", "mmkd")
+    args.setdefault("run_name", run.root.name)
+    uri = args.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or "file:"
+    if uri.startswith("file:") or "://" not in uri:
+        # MLflow 3 refuses a file store unless asked for one; a store in the run directory is what mmkd asks for.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    if state.get("run_id"):
+        args.setdefault("run_id", state["run_id"])
+
+
+def _wandb_run(args: dict[str, Any], state: dict[str, Any], run: RunDir) -> None:
+    import uuid
+
+    state.setdefault("id", uuid.uuid4().hex[:12])
+    args.setdefault("id", state["id"])  # WandbLogger passes resume="allow": a second stage or a resume continues it
+    args.setdefault("project", "mmkd")
+    args.setdefault("name", run.root.name)
+
+
+def _record_mlflow(logger: Any, state: dict[str, Any]) -> None:
+    run_id = logger.run_id  # creates the run on the recipe's first stage
+    if state.get("run_id") == run_id:  # a later stage or a resume: the previous stage's end marked the run finished
+        logger.experiment.update_run(run_id, status="RUNNING")
+    state["run_id"] = run_id
+
+
+# How a logger class keeps one run for the whole recipe: the init_args it gets unless the recipe sets them (from the
+# state kept in logs/<logger>.json), and what to record there once it is built. Loggers not listed still share one
+# folder and the stage prefixes, but start a new run per stage.
+_ONE_RUN: dict[str, tuple[Callable[..., None], Callable[..., None] | None]] = {
+    "TensorBoardLogger": (_tensorboard_run, None),
+    "CSVLogger": (_one_folder, None),
+    "MLFlowLogger": (_mlflow_run, _record_mlflow),
+    "WandbLogger": (_wandb_run, None),
+}
+
+
+def build_logger(spec: dict[str, Any] | bool | None, run: RunDir, stage: str):
+    """The stage's loggers: its CSV file, and the recipe's ``class_path`` logger when it names one.
+
+    The CSV logger always writes ``stages/<stage>/logs/metrics.csv`` (``logger: false`` turns every logger off). A
+    ``class_path`` logger holds one run for the whole recipe in ``logs/<logger>/`` (``logs/tensorboard``,
+    ``logs/mlflow``, ``logs/wandb``): every stage logs into it with its keys prefixed by the stage's name
+    (``sft-train/loss``), a resumed stage continues it, and the resolved recipe, flattened to its key paths, is logged
+    as its hyper-parameters once per run. ``save_dir`` defaults to that folder; the recipe's ``init_args`` win.
+
+    Returns:
+        False, the CSV logger, or the CSV logger and the recipe's logger.
+    """
+    import json
+
     from lightning.pytorch.loggers import CSVLogger
+
+    from mmkd.train.rundir import atomic_write_text, is_rank_zero
 
     if spec is False:
         return False
+    csv = CSVLogger(save_dir=str(run.stage_dir(stage)), name=run.logs(stage).name, version="")
     if spec in (None, True):
-        return CSVLogger(save_dir=str(stage_dir), name=logs_dir.name, version="")
+        return csv
     cls = import_path(spec["class_path"])
-    init_args = dict(spec.get("init_args") or {})
-    if "save_dir" in inspect.signature(cls).parameters and "save_dir" not in init_args:
-        init_args["save_dir"] = str(logs_dir)
-    return cls(**init_args)
+    folder, state_file = run.run_logs(cls.__name__.lower().removesuffix("logger") or "logger")
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    args = dict(spec.get("init_args") or {})
+    params = inspect.signature(cls).parameters
+    if "save_dir" in params:
+        args.setdefault("save_dir", str(folder))
+    if "prefix" in params:
+        args["prefix"] = "-".join(p for p in (args.get("prefix"), stage) if p)
+    pin, record = next((_ONE_RUN[c.__name__] for c in cls.__mro__ if c.__name__ in _ONE_RUN), (None, None))
+    if pin is not None:
+        pin(args, state, run)
+    if is_rank_zero():
+        folder.mkdir(parents=True, exist_ok=True)
+    logger = cls(**args)
+    if is_rank_zero():
+        if record is not None:
+            record(logger, state)
+        if not state.get("hyperparameters_logged"):
+            if getattr(logger, "log_dir", None):
+                Path(logger.log_dir).mkdir(parents=True, exist_ok=True)  # TensorBoard writes hparams.yaml only there
+            logger.log_hyperparams(flatten_config(run.read_recipe() or {}))
+            logger.save()
+            state["hyperparameters_logged"] = True
+        atomic_write_text(state_file, json.dumps(state, indent=2) + "\n")
+    return [csv, logger]
 
 
 def _numel(p: Any) -> int:
@@ -160,7 +247,7 @@ def build_stage(
         val_check_interval=tr.val_check_interval if val_dataset is not None else None,
         limit_val_batches=tr.limit_val_batches if val_dataset is not None else 0,
         num_sanity_val_steps=0,
-        logger=build_logger(tr.logger, run.stage_dir(spec.name), run.logs(spec.name)),
+        logger=build_logger(tr.logger, run, spec.name),
         callbacks=callbacks,
         enable_checkpointing=False,
         enable_progress_bar=bool(tr.enable_progress_bar),

@@ -103,8 +103,9 @@ class TrainerConfig:
         log_every_n_steps: Logging interval.
         val_check_interval: Validation interval (Lightning semantics).
         limit_val_batches: Validation batches per check.
-        logger: Any Lightning logger as ``class_path``/``init_args``; ``save_dir`` defaults to the stage folder.
-            Default: CSV.
+        logger: Any Lightning logger as ``class_path``/``init_args``, beside each stage's CSV file: one run for the
+            whole recipe in ``RUN_DIR/logs/<logger>`` (its default ``save_dir``), keys prefixed by the stage's name.
+            Default: CSV only; false: none.
         enable_progress_bar: Show the rich progress bar.
         checkpoint_every_n_steps: Write a resumable checkpoint every N optimizer steps.
         keep_checkpoints: How many step checkpoints to keep per stage.

@@ -152,6 +152,18 @@ def _check_trainer_section(section: Mapping[str, Any], key: str) -> None:
         if not (inspect.isclass(cls) and issubclass(cls, Logger)):
             raise RecipeError(f"{key}.logger.class_path: {logger['class_path']} is not a Lightning logger")
         check_arguments(cls, logger.get("init_args") or {}, f"{key}.logger.init_args", optional=("save_dir",))
+        import importlib.util
+
+        packages = next((_LOGGER_PACKAGES[c.__name__] for c in cls.__mro__ if c.__name__ in _LOGGER_PACKAGES), ())
+        if packages and not any(importlib.util.find_spec(p) for p in packages):
+            raise RecipeError(f"{key}.logger.class_path: {cls.__name__} needs the {packages[0]} package "
+                              f"(pip install {_PIP_NAMES.get(packages[0], packages[0])})")
+
+
+# Lightning's loggers import their package only when they start, in the middle of a run: checked at load instead.
+_LOGGER_PACKAGES = {"TensorBoardLogger": ("tensorboard", "tensorboardX"), "MLFlowLogger": ("mlflow",),
+                    "WandbLogger": ("wandb",), "CometLogger": ("comet_ml",), "NeptuneLogger": ("neptune",)}
+_PIP_NAMES = {"mlflow": "mlflow-skinny", "comet_ml": "comet-ml"}
 
 
 def _merged_trainer(config: Mapping[str, Any], stage: Mapping[str, Any]) -> TrainerConfig:
