@@ -58,6 +58,8 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_weight: Tensor | None = None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # Under autocast (bf16-mixed) a float32 product would come out in bf16: the accumulators stay float32.
+        no_autocast = torch.autocast(device_type=hidden.device.type, enabled=False)
         for i, group in enumerate(groups):
             h = hidden[group]
             value, grad_logits = fn(_chunk_logits(h, weight, bias), i, True)
@@ -72,10 +74,11 @@ class _FusedHeadLoss(torch.autograd.Function):
                     grad_hidden.index_add_(0, group, grad_h.to(hidden.dtype))
                 del grad_h
             if need_weight:
-                if grad_weight is None:
-                    grad_weight = torch.mm(grad_logits.float().t(), h.float())
-                else:
-                    grad_weight.addmm_(grad_logits.float().t(), h.float())
+                with no_autocast:
+                    if grad_weight is None:
+                        grad_weight = torch.mm(grad_logits.float().t(), h.float())
+                    else:
+                        grad_weight.addmm_(grad_logits.float().t(), h.float())
             if grad_bias is not None:
                 grad_bias += grad_logits.float().sum(0)
             # No name may keep this chunk's (n, V) gradient alive into the next chunk.
