@@ -26,7 +26,7 @@ def one_process(tiny_assets, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_2"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed_stage_2", marks=pytest.mark.slow)])
 def test_two_processes_train_what_one_trains(strategy, one_process, tiny_assets, tmp_path):
     run = tmp_path / "run"
     proc = fit(LORA, run, tiny_assets, *MICRO, "--trainer.devices", "2", "--trainer.strategy", strategy)

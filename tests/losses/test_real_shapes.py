@@ -6,6 +6,7 @@ states and LM heads, the fused head pass for ``lm`` + ``kl``, and ``kl`` alone t
 tensor that any aten op returns is recorded by a dispatch mode, backward included.
 """
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -71,6 +72,7 @@ def test_fused_lm_and_kl_at_real_shapes_never_build_a_tokens_by_vocabulary_tenso
     assert backward.head_sized  # the backward was observed: it returned the head's gradient
 
 
+@pytest.mark.slow  # the chunking of chunked_token_loss is covered at small shapes in test_chunked.py
 def test_a_lone_divergence_at_real_shapes_is_chunked_too():
     forward, backward = _largest(["kl"])
     assert 0 < forward.rows[0] <= ANSWERS // 4, forward.rows
