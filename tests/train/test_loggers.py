@@ -163,6 +163,7 @@ def _wandb_rows(folder: Path) -> tuple[list[dict], set[str], set[str]]:
     return rows, config, ids
 
 
+@pytest.mark.slow  # the one-run/prefix/hyper-parameter mechanics are the TensorBoard and MLflow tests'
 def test_wandb_offline_holds_both_stages_in_one_run(tiny_assets, tmp_path):
     pytest.importorskip("wandb")
     run = tmp_path / "run"

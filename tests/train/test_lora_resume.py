@@ -189,6 +189,7 @@ def test_lora_export_is_a_merged_student_with_the_in_memory_logits(lora_run, tmp
     torch.testing.assert_close(expected, unmerged, rtol=0, atol=1e-4)  # merging changes only rounding
 
 
+@pytest.mark.slow  # QLoRA in make test: tests/models/test_lora.py (4-bit layers, merge); LoRA resume above
 def test_qlora_recipe_runs_resumes_bit_exact_and_exports_a_float_student(tiny_assets, tmp_path):
     from mmkd.cli import main
 
