@@ -104,6 +104,10 @@ class ObjectiveTask:
     def __init__(self, objectives: Mapping[str, Objective]) -> None:
         self.objectives = nn.ModuleDict(dict(objectives))
         self.weights: dict[str, float] | None = None
+        # A teacher cache the collator joins (mmkd.cache.CachedTeacher), set by tasks that read one, and what to do
+        # with records it lacks.
+        self.cached: Any = None
+        self.on_missing = "error"
 
     def bind_weights(self, weights: Mapping[str, float]) -> None:
         self.weights = dict(weights)
@@ -154,7 +158,11 @@ class ObjectiveTask:
         return self.teacher_needed({n: type(o) for n, o in self.objectives.items()})
 
     def select_data(self, dataset: Any, collator: Collator, num_workers: int = 0) -> tuple[Any, dict[str, Any]]:
-        return dataset, {}
+        if self.cached is None:
+            return dataset, {}
+        dataset, selection = self.cached.check(dataset, collator, on_missing=self.on_missing,
+                                               num_workers=num_workers)
+        return dataset, {"teacher_cache": selection.as_dict()}
 
     def of_family(self, family: str) -> dict[str, Objective]:
         """The stage's objectives that read ``family``, in recipe order."""

@@ -50,7 +50,6 @@ class DistillTask(ObjectiveTask):
         self.on_overflow = on_overflow
         self.teacher_cache = teacher_cache
         self.on_missing = on_missing
-        self.cached = None
         if teacher_cache is not None:
             check_cache_objectives(self.objectives, "takes topk_kl and teacher-free objectives")
             readers = [name for name, o in self.objectives.items() if o.reads_cache]
@@ -97,13 +96,6 @@ class DistillTask(ObjectiveTask):
             return CacheJoin(self.key_collator(student, teacher, max_length), self.cached)
         return MultimodalCollator.for_models(student, teacher if self.needs_teacher else None, max_length=max_length,
                                              on_overflow=self.on_overflow)
-
-    def select_data(self, dataset: Any, collator: Collator, num_workers: int = 0) -> tuple[Any, dict[str, Any]]:
-        if self.cached is None:
-            return dataset, {}
-        dataset, selection = self.cached.check(dataset, collator, on_missing=self.on_missing,
-                                               num_workers=num_workers)
-        return dataset, {"teacher_cache": selection.as_dict()}
 
     def losses(self, student: nn.Module, teacher: nn.Module | None, batch: DistillBatch) -> dict[str, Tensor]:
         hidden = any(o.needs_hidden_states for o in self.objectives.values())

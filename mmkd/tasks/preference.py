@@ -58,7 +58,6 @@ class PreferenceTask(ObjectiveTask):
                                    "of preference pairs takes teacher-free token objectives (lm)")
         self.teacher_cache = teacher_cache
         self.on_missing = on_missing
-        self.cached = None
         preference = self.of_family("preference")
         if len(preference) != 1:
             raise ValueError(f"a preference stage takes exactly one preference objective, got {sorted(preference)}")
@@ -122,13 +121,6 @@ class PreferenceTask(ObjectiveTask):
                                         batching=self.cache_batching(max_length))
             return CacheJoin(self.key_collator(student, teacher, max_length), self.cached)
         return PreferenceCollator.for_models(student, teacher if self.needs_teacher else None, max_length=max_length)
-
-    def select_data(self, dataset: Any, collator: Collator, num_workers: int = 0) -> tuple[Any, dict[str, Any]]:
-        if self.cached is None:
-            return dataset, {}
-        dataset, selection = self.cached.check(dataset, collator, on_missing=self.on_missing,
-                                               num_workers=num_workers)
-        return dataset, {"teacher_cache": selection.as_dict()}
 
     def _reference_pass(self, teacher: nn.Module | None, side: DistillBatch) -> tuple[Any, Tensor]:
         """The reference model's output and labels on one answer side (the teacher reads its own inputs)."""
