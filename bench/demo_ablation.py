@@ -21,15 +21,16 @@ exists (bench/teacher_hacking.py writes the same folders: ``--out runs/teacher_h
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from teacher_hacking import demo_of, mmkd, run_seeds  # noqa: E402
+
 RECIPE = ROOT / "recipes" / "tiny" / "demo_kd.yaml"
 CATEGORIES = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")
 
@@ -52,12 +53,6 @@ VARIANTS = {
 ORDER = ("no_kd", "seq_kd", "kl_response", "kl_visual", "kd", "kd_hidden")
 
 
-def mmkd(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "mmkd", *args], capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode:
-        raise SystemExit(f"mmkd {' '.join(args[:3])} failed:\n{proc.stderr[-3000:]}")
-
-
 def _scores(metrics: dict, skills: dict) -> dict:
     cats = {c: metrics["categories"][c]["accuracy"] for c in CATEGORIES if c in metrics.get("categories", {})}
     return {"accuracy": metrics["accuracy"], "categories": cats,
@@ -67,9 +62,7 @@ def _scores(metrics: dict, skills: dict) -> dict:
 def run_seed(out: Path, seed: int) -> dict[str, dict]:
     from mmkd.demo import _by_skill
 
-    demo = out / f"demo{seed}"
-    if not (demo / "results.json").is_file():
-        mmkd("demo", "--out", str(demo), "--seed", str(seed))
+    demo = demo_of(out, seed)
     world = demo / "world"
     results = {}
     demo_results = json.loads((demo / "results.json").read_text())
@@ -97,14 +90,7 @@ def _fmt(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/teacher_hacking")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    per_seed = {seed: run_seed(out, seed) for seed in args.seeds}
-    (out / "ablation.json").write_text(json.dumps(per_seed, indent=1) + "\n")
+    per_seed = run_seeds(__doc__.split("\n")[0], run_seed, "ablation.json")
     seeds = list(per_seed)
     print(f"\nseeds {seeds}; test accuracy (%), generate mode; mean ± std over seeds")
     print("| variant | all | " + " | ".join(CATEGORIES) + " | Δ vs seq_kd (per seed) |")

@@ -45,6 +45,27 @@ def mmkd(*args: str) -> None:
         raise SystemExit(f"mmkd {' '.join(args[:3])} failed:\n{proc.stderr[-3000:]}")
 
 
+def demo_of(out: Path, seed: int) -> Path:
+    """``OUT/demoS``: the finished ``mmkd demo --seed S`` (run here unless its results.json exists)."""
+    demo = out / f"demo{seed}"
+    if not (demo / "results.json").is_file():
+        mmkd("demo", "--out", str(demo), "--seed", str(seed))
+    return demo
+
+
+def run_seeds(description: str, run_seed, results_name: str) -> dict:
+    """``--out``/``--seeds`` from the command line, ``run_seed(out, seed)`` per seed, written to OUT/results_name."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default="runs/teacher_hacking")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    per_seed = {seed: run_seed(out, seed) for seed in args.seeds}
+    (out / results_name).write_text(json.dumps(per_seed, indent=1) + "\n")
+    return per_seed
+
+
 def proxy(student_dir: str, teacher_dir: str, world: str, max_new_tokens: int = 8) -> dict[str, float]:
     """Mean per-token JSD(0.5) and KL(teacher || student) on the test split, teacher-forced and on student samples."""
     from mmkd.data import MultimodalCollator, ScienceQA
@@ -77,9 +98,7 @@ def proxy(student_dir: str, teacher_dir: str, world: str, max_new_tokens: int = 
 
 
 def run_seed(out: Path, seed: int) -> dict[str, dict]:
-    demo = out / f"demo{seed}"
-    if not (demo / "results.json").is_file():
-        mmkd("demo", "--out", str(demo), "--seed", str(seed))
+    demo = demo_of(out, seed)
     start = demo / "kd" / "stages" / "sft" / "student"
     results: dict[str, dict] = {}
     for method, overrides in METHODS.items():
@@ -108,21 +127,15 @@ def mean_std(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="runs/teacher_hacking")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    per_seed = {seed: run_seed(out, seed) for seed in args.seeds}
-    (out / "results.json").write_text(json.dumps(per_seed, indent=1) + "\n")
-    print(f"\nseeds {args.seeds}; mean ± std over seeds; accuracy (%) on the test split (generate mode); proxy: "
+    per_seed = run_seeds(__doc__.split("\n")[0], run_seed, "results.json")
+    seeds = list(per_seed)
+    print(f"\nseeds {seeds}; mean ± std over seeds; accuracy (%) on the test split (generate mode); proxy: "
           "per-token divergence to the teacher on the test prompts, teacher-forced (tf) and on the student's greedy "
           "answers (own)")
     print("| model | accuracy | JSD tf | JSD own | KL tf | KL own | DFT wall time (s) |")
     print("|---|---|---|---|---|---|---|")
     for name in (*METHODS, "student_kd", "student_no_kd", "teacher"):
-        rows = [per_seed[s][name] for s in args.seeds]
+        rows = [per_seed[s][name] for s in seeds]
         cells = [mean_std([r["accuracy"] for r in rows])]
         for key in ("jsd_tf", "jsd_own", "kl_tf", "kl_own", "wall_time_s"):
             cells.append(mean_std([r[key] for r in rows]) if key in rows[0] else "–")
