@@ -117,9 +117,7 @@ class StageModule(L.LightningModule):
         self.task = task
         self.objectives = task.objectives  # a submodule: projectors train, schedules' buffers are checkpointed
         self.weights = dict(weights)
-        bind = getattr(task, "bind_weights", None)
-        if callable(bind):  # tasks may share one head pass between weighted objectives (mmkd.objectives.head)
-            bind(self.weights)
+        task.bind_weights(self.weights)  # a task may share one head pass between weighted objectives
         self.total_steps = max(1, int(total_steps))
         self.train_parts = list(train_parts)
         self.optimizer_cfg = optimizer or OptimizerConfig()
